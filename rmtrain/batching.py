@@ -43,6 +43,21 @@ class BatchPlan:
     def steps_per_epoch(self) -> int:
         return math.ceil(self.num_pairs / self.global_batch)
 
+    def total_steps(self, max_steps: int | None, epochs: int) -> int:
+        """Optimizer steps of a run: `max_steps`, else whole epochs."""
+        return max_steps if max_steps is not None else epochs * self.steps_per_epoch
+
+    def data_order(self, step: int) -> dict[str, int]:
+        """Where a run is in its data after `step` steps; with the seed, these fix the batches."""
+        epoch, batch_in_epoch = divmod(step, self.steps_per_epoch)
+        return {
+            "num_pairs": self.num_pairs,
+            "global_batch": self.global_batch,
+            "seed": self.seed,
+            "epoch": epoch,
+            "batch_in_epoch": batch_in_epoch,
+        }
+
     def permutation(self, epoch: int) -> list[int]:
         gen = torch.Generator().manual_seed(self.seed + epoch)
         return torch.randperm(self.num_pairs, generator=gen).tolist()

@@ -1,17 +1,19 @@
-"""What an export says about itself: `config.json["rmtrain"]` metadata and the README model card."""
+"""What an export says about itself: `config.json["rmtrain"]` metadata and the README model card,
+both made from the run's :class:`~rmtrain.record.RunRecord`."""
 
 from __future__ import annotations
 
 import json
 import math
-from typing import TYPE_CHECKING, Any
+from pathlib import Path
+from typing import Any
 
-from rmtrain import __version__
-from rmtrain.config import Config
-from rmtrain.data import SAFE_RLHF_TEMPLATE
+import torch
 
-if TYPE_CHECKING:
-    from rmtrain.data import DataStats
+from rmtrain import __version__, hf
+from rmtrain.config import Config, to_config
+from rmtrain.record import RunRecord
+from rmtrain.text import describe
 
 SIGN = {
     "reward": "higher score = better response (the chosen side of a preference pair)",
@@ -19,17 +21,14 @@ SIGN = {
 }
 
 
-def export_metadata(
-    cfg: Config, last_eval: dict[str, float], running: dict[str, float]
-) -> dict[str, Any]:
+def export_metadata(cfg: Config, record: RunRecord) -> dict[str, Any]:
+    last_eval, running = record.last_eval, record.score_stats
     return {
         "version": __version__,
         "objective": cfg.objective,
         "sign_convention": SIGN[cfg.objective],
         "template": cfg.data.template,
-        "template_format": (
-            SAFE_RLHF_TEMPLATE if cfg.data.template == "safe_rlhf" else "tokenizer chat template"
-        ),
+        "template_format": describe(cfg.data.template),
         "eos_appended": True,
         "max_length": cfg.data.max_length,
         "base_model": cfg.model.name_or_path,
@@ -86,22 +85,15 @@ def _example(cfg: Config) -> str:
     )
 
 
-def model_card(
-    cfg: Config,
-    meta: dict[str, Any],
-    stats: tuple[DataStats, DataStats],
-    last_eval: dict[str, float],
-    config_dict: dict[str, Any],
-) -> str:
-    train, evaluation = stats
+def model_card(cfg: Config, meta: dict[str, Any], record: RunRecord) -> str:
+    last_eval = record.last_eval
+    train, evaluation = record.data["train"], record.data["eval"]
     head = "Cost" if cfg.objective == "cost" else "Reward"
     metrics = "\n".join(f"| {k} | {_fmt(v)} |" for k, v in sorted(last_eval.items()))
     metrics = metrics or "| (no evaluation ran) | |"
     data_rows = "\n".join(
         f"| {k} | {train_v} | {eval_v} |"
-        for (k, train_v), eval_v in zip(
-            train.as_dict("").items(), evaluation.as_dict("").values(), strict=True
-        )
+        for (k, train_v), eval_v in zip(train.items(), evaluation.values(), strict=True)
     )
     ss = meta.get("score_stats", {})
     accuracy_rule = (
@@ -195,6 +187,31 @@ the training batches. Raw scores are the default everywhere; opt in with
 ## Training configuration (resolved)
 
 ```json
-{json.dumps(config_dict, indent=1)}
+{json.dumps(record.config, indent=1)}
 ```
 """
+
+
+def write_export(
+    record: RunRecord,
+    state_dict: dict[str, torch.Tensor],
+    model_config: Any,
+    tokenizer: Any,
+    out: Path,
+    max_shard_size: str | None = None,
+) -> Path:
+    """The transformers export of a run's weights, with its metadata and model card: what the
+    end of training and `rmtrain export` both write."""
+    cfg = to_config(record.config)
+    meta = export_metadata(cfg, record)
+    hf.export(
+        state_dict,
+        model_config,
+        tokenizer,
+        out,
+        max_shard_size or cfg.trainer.export_max_shard_size,
+        {"rmtrain": meta},
+        model_card(cfg, meta, record),
+    )
+    print(f"exported to {out}", flush=True)
+    return out

@@ -1,10 +1,17 @@
 """DeepSpeed checkpoints that resume exactly.
 
-A checkpoint is `<output_dir>/checkpoints/step_00000010/`: DeepSpeed's model and optimizer shards
-(with the LR-scheduler state), plus rmtrain's client state (step, RNG states, running score
-statistics, resolved config). The data position needs no storing: the batch plan is a pure
-function of (seed, step). `rmtrain_complete.json` is written by rank 0 only after every rank has
-finished writing, so a checkpoint cut off by a kill is never taken for a complete one.
+A checkpoint is `<output_dir>/checkpoints/step_00000010/`:
+
+- DeepSpeed's model and optimizer shards, with the LR-scheduler state and the RNG states as
+  client state;
+- `hf/`: the model config and tokenizer (with its trained chat template), so that
+  `rmtrain export` needs neither the network nor the original model directory;
+- `rmtrain_complete.json`, the marker, written by rank 0 only after every rank has finished
+  writing: the step, the ZeRO layout, the model architecture, the state of every registered
+  object (`state_dict()`, JSON), and the run's :class:`~rmtrain.record.RunRecord` (config, data
+  counts). A checkpoint cut off by a kill has no marker and is never taken for a complete one.
+
+The checkpointer imports no trainer: objects with state are handed to it (torchtitan's pattern).
 """
 
 from __future__ import annotations
@@ -13,25 +20,22 @@ import json
 import random
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 
-from rmtrain.config import Config, ConfigError
+from rmtrain.config import ConfigError
 from rmtrain.engine import Engine, barrier
-from rmtrain.trainer import Trainer
+from rmtrain.record import RunRecord
 
 MARKER = "rmtrain_complete.json"
-# Config keys that must match for a checkpoint to be resumable.
-SHAPE_KEYS = (
-    "name_or_path",
-    "hidden_size",
-    "intermediate_size",
-    "num_hidden_layers",
-    "num_attention_heads",
-    "num_key_value_heads",
-)
+HF_DIR = "hf"
+
+
+class Stateful(Protocol):
+    def state_dict(self) -> dict[str, Any]: ...
+    def load_state_dict(self, state: dict[str, Any], source: str = ...) -> None: ...
 
 
 def tag_for(step: int) -> str:
@@ -49,9 +53,19 @@ def read_marker(path: Path) -> dict[str, Any]:
     return dict(json.loads((path / MARKER).read_text()))
 
 
-def find_resume_point(cfg: Config, output_dir: Path) -> Path | None:
+def record_of(marker: dict[str, Any]) -> RunRecord:
+    """The run record as of a checkpoint: its run info plus the trainer's state then."""
+    trainer = marker["states"]["trainer"]
+    return RunRecord(
+        config=marker["run"]["config"],
+        data=marker["run"]["data"],
+        score_stats=trainer["score_stats"],
+        last_eval=trainer["last_eval"],
+    )
+
+
+def find_resume_point(resume: str | None, output_dir: Path) -> Path | None:
     """The checkpoint `trainer.resume` names: None, "auto" (latest complete) or a path."""
-    resume = cfg.trainer.resume
     if resume is None:
         return None
     if resume == "auto":
@@ -74,104 +88,89 @@ def resolve_checkpoint(path: Path) -> Path | None:
     return None
 
 
-def check_compatible(cfg: Config, marker: dict[str, Any], world_size: int, path: Path) -> None:
-    saved = marker["model"]
-    for key in SHAPE_KEYS:
-        now = getattr(cfg.model, key)
-        if saved.get(key) != now:
+def check_compatible(
+    marker: dict[str, Any], architecture: dict[str, Any], layout: dict[str, int], path: Path
+) -> None:
+    """Refuse a checkpoint of another model shape or ZeRO layout, naming what differs."""
+    for key, now in architecture.items():
+        was = marker["architecture"].get(key)
+        if was != now:
             raise ConfigError(
-                f"cannot resume from {path}: model.{key} was {saved.get(key)!r} there, "
-                f"{now!r} now (the checkpoint holds a differently shaped model)"
+                f"cannot resume from {path}: the model's {key} was {was!r} there, {now!r} now "
+                f"(the checkpoint holds a differently shaped model)"
             )
-    if marker["zero_stage"] != cfg.deepspeed.stage or marker["world_size"] != world_size:
+    if marker["layout"] != layout:
+        was, now = marker["layout"], layout
         raise ConfigError(
-            f"cannot resume from {path}: it was written by ZeRO stage {marker['zero_stage']} "
-            f"on {marker['world_size']} ranks, this run is stage {cfg.deepspeed.stage} on "
-            f"{world_size}; resume with the same layout (or `rmtrain export` it)"
+            f"cannot resume from {path}: it was written by ZeRO stage {was['zero_stage']} "
+            f"on {was['world_size']} ranks, this run is stage {now['zero_stage']} on "
+            f"{now['world_size']}; resume with the same layout (or `rmtrain export` it)"
         )
 
 
 class Checkpointer:
+    """Saves every `every` steps (and at the last step) and keeps the last `keep_last`."""
+
     def __init__(
         self,
-        cfg: Config,
         engine: Engine,
         output_dir: Path,
-        config_dict: dict[str, Any],
-        data_stats: dict[str, int],
+        *,
+        every: int,
+        keep_last: int,
+        states: dict[str, Stateful],
+        run: dict[str, Any],
+        architecture: dict[str, Any],
+        hf_files: Any,
     ) -> None:
-        self.cfg, self.engine, self.config_dict, self.data_stats = (
-            cfg,
-            engine,
-            config_dict,
-            data_stats,
+        """`run`: the static part of the RunRecord (config, data); `hf_files`: objects with
+        `save_pretrained` (model config, tokenizer) written to each checkpoint's `hf/`."""
+        self.engine, self.every, self.keep_last = engine, every, keep_last
+        self.states, self.run, self.architecture, self.hf_files = (
+            states,
+            run,
+            architecture,
+            hf_files,
         )
         self.dir = output_dir / "checkpoints"
+        self.layout = {"zero_stage": engine.stage, "world_size": engine.env.world_size}
 
-    def __call__(self, trainer: Trainer, last: bool) -> None:
-        every = self.cfg.trainer.save_every
-        if every and (trainer.step % every == 0 or last):
-            self.save(trainer)
+    def maybe_save(self, step: int, last: bool) -> None:
+        if self.every and (step % self.every == 0 or last):
+            self.save(step)
 
-    def save(self, trainer: Trainer) -> Path:
-        tag = tag_for(trainer.step)
-        state = {
-            "step": trainer.step,
-            "data_order": data_order(trainer),
-            "score_stats": trainer.score_stats.state_dict(),
-            "last_eval": trainer.last_eval,
-            "rng": _rng_state(),
-        }
-        self.engine.save_checkpoint(self.dir, tag, state)
+    def save(self, step: int) -> Path:
+        tag = tag_for(step)
+        self.engine.save_checkpoint(self.dir, tag, {"rng": _rng_state()})
         barrier()
         path = self.dir / tag
         if self.engine.env.is_main:
+            for obj in self.hf_files:
+                obj.save_pretrained(path / HF_DIR)
             marker = {
-                "step": trainer.step,
-                "zero_stage": self.cfg.deepspeed.stage,
-                "world_size": self.engine.env.world_size,
-                "model": {k: getattr(self.cfg.model, k) for k in SHAPE_KEYS},
-                "config": self.config_dict,
-                "data_order": data_order(trainer),
-                "data_stats": self.data_stats,
-                "score_stats": trainer.score_stats.state_dict(),
-                "last_eval": trainer.last_eval,
+                "step": step,
+                "layout": self.layout,
+                "architecture": self.architecture,
+                "states": {name: obj.state_dict() for name, obj in self.states.items()},
+                "run": self.run,
             }
             tmp = path / (MARKER + ".tmp")
             tmp.write_text(json.dumps(marker, indent=1))
             tmp.rename(path / MARKER)
-            for old in complete_checkpoints(self.dir)[: -self.cfg.trainer.keep_last]:
+            for old in complete_checkpoints(self.dir)[: -self.keep_last]:
                 shutil.rmtree(old, ignore_errors=True)
         barrier()
         return path
 
-    def load(self, trainer: Trainer, path: Path) -> None:
-        """Continue from `path` (checked with `check_compatible` before anything was built)."""
-        saved, now = read_marker(path)["data_order"], data_order(trainer)
-        for key in ("num_pairs", "global_batch", "seed"):
-            if saved[key] != now[key]:
-                raise ConfigError(
-                    f"cannot resume from {path}: its data order had {key}={saved[key]}, this run "
-                    f"has {now[key]} (changed data or batch size would not continue the same run)"
-                )
-        state = self.engine.load_checkpoint(path.parent, path.name)
-        trainer.step = int(state["step"])
-        trainer.score_stats.load_state_dict(state["score_stats"])
-        trainer.last_eval = dict(state.get("last_eval") or {})
-        _set_rng_state(state["rng"])
-
-
-def data_order(trainer: Trainer) -> dict[str, int]:
-    """Where the run is in its data: the batch plan is a pure function of these and the step."""
-    plan = trainer.plan
-    epoch, batch_in_epoch = divmod(trainer.step, plan.steps_per_epoch)
-    return {
-        "num_pairs": plan.num_pairs,
-        "global_batch": plan.global_batch,
-        "seed": plan.seed,
-        "epoch": epoch,
-        "batch_in_epoch": batch_in_epoch,
-    }
+    def load(self, path: Path) -> int:
+        """Continue from `path` (checked with `check_compatible` before anything was built);
+        returns the step it holds."""
+        marker = read_marker(path)
+        for name, obj in self.states.items():
+            obj.load_state_dict(marker["states"][name], source=str(path))
+        client = self.engine.load_checkpoint(path.parent, path.name)
+        _set_rng_state(client["rng"])
+        return int(marker["step"])
 
 
 def _rng_state() -> dict[str, Any]:

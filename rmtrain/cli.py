@@ -13,7 +13,8 @@ COMMANDS = {
     "train": ("rmtrain.train", "train and export a reward model (args: Hydra overrides)"),
     "export": ("rmtrain.export", "write the transformers export of a saved run or checkpoint"),
     "score": ("rmtrain.score", "score a JSONL file with an exported model"),
-    "sample-data": ("rmtrain.sample_data", "write rmtrain's generated sample dataset"),
+    "config": ("rmtrain.cli", "list every config key with its type, default and help"),
+    "sample-data": ("rmtrain.toy.sample_data", "write rmtrain's generated sample dataset"),
 }
 
 USAGE = (
@@ -21,6 +22,19 @@ USAGE = (
     + "\n".join(f"  {name:<12} {help_}" for name, (_, help_) in COMMANDS.items())
     + "\n\nexample: rmtrain train experiment=quickstart trainer.max_steps=50\n"
 )
+
+
+def show_config(argv: list[str]) -> None:
+    """`rmtrain config [prefix]`: the keys (optionally only those under `prefix`) and their help."""
+    from rmtrain.config import field_help
+
+    prefix = argv[0] if argv else ""
+    rows = [r for r in field_help() if r[0].startswith(prefix)]
+    if not rows:
+        print(f"rmtrain config: error: no key starts with {prefix!r}", file=sys.stderr)
+        sys.exit(2)
+    for key, kind, default, help_ in rows:
+        print(f"{key} ({kind}, default {default})\n    {help_}")
 
 
 def main() -> None:
@@ -31,6 +45,9 @@ def main() -> None:
     if command not in COMMANDS:
         print(f"rmtrain: error: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
         sys.exit(2)
+    if command == "config":
+        show_config(rest)
+        return
     module = importlib.import_module(COMMANDS[command][0])
     sys.argv = [f"rmtrain {command}", *rest]
     module.main()

@@ -6,11 +6,15 @@ unknown key or a wrong type while composing, and :func:`to_config` turns the com
 into these dataclasses, which runs the cross-field checks in ``__post_init__``. Both happen before
 any process group is created, so a typo never reaches a rank.
 
-Field comments are the help text.
+Each field's docstring is its help text: ``rmtrain config`` prints them (:func:`field_help`).
 """
 
 from __future__ import annotations
 
+import ast
+import dataclasses
+import inspect
+import itertools
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,67 +31,94 @@ def _choice(key: str, value: Any, allowed: tuple[Any, ...]) -> None:
 
 
 @dataclass
-class ModelConfig:
-    # "tiny" builds a random-init tiny LLaMA and a tokenizer made by rmtrain itself;
-    # anything else is a local directory or hub id of a LLaMA checkpoint (with its tokenizer).
-    name_or_path: str = MISSING
-    revision: str | None = None
-    # Shape of the random-init model when name_or_path == "tiny".
+class ToyConfig:
+    """Shape of the random-init tiny LLaMA (used only when model.name_or_path=tiny)."""
+
     hidden_size: int = 64
+    """Width of the tiny model."""
     intermediate_size: int = 128
+    """MLP width."""
     num_hidden_layers: int = 2
+    """Decoder layers."""
     num_attention_heads: int = 4
+    """Attention heads; hidden_size must be divisible by it."""
     num_key_value_heads: int = 2
+    """Key/value heads (grouped-query attention); divides num_attention_heads."""
     max_position_embeddings: int = 1024
-    # Tokenizer: defaults to name_or_path.
-    tokenizer: str | None = None
-    # Padding side used when batching; scores do not depend on it (tested).
-    padding_side: str = "right"
-    gradient_checkpointing: bool = False
-    # Attention kernel passed to transformers ("sdpa", "eager", "flash_attention_2").
-    attn_implementation: str = "sdpa"
+    """Context length."""
 
     def __post_init__(self) -> None:
-        _choice("model.padding_side", self.padding_side, ("left", "right"))
         if self.hidden_size % self.num_attention_heads:
-            raise ConfigError("model.hidden_size must be divisible by model.num_attention_heads")
+            raise ConfigError(
+                "model.toy.hidden_size must be divisible by model.toy.num_attention_heads"
+            )
         if self.num_attention_heads % self.num_key_value_heads:
             raise ConfigError(
-                "model.num_attention_heads must be divisible by model.num_key_value_heads"
+                "model.toy.num_attention_heads must be divisible by model.toy.num_key_value_heads"
             )
 
 
 @dataclass
-class DataConfig:
-    # "sample": the PKU-SafeRLHF-v1-schema sample data rmtrain generates itself;
-    # "PKU-Alignment/PKU-SafeRLHF" (hub), a local copy of that hub repo, or a local directory with
-    # train.jsonl / test.jsonl (or .parquet) in the PKU-SafeRLHF v0 or v1 schema.
-    path: str = "sample"
-    # Hub config (default / alpaca-7b / alpaca2-7b / alpaca3-8b); None = the dataset's default.
-    name: str | None = None
-    # Pin the dataset revision (the hub default has changed several times).
+class ModelConfig:
+    """The backbone the score model is built on."""
+
+    name_or_path: str = MISSING
+    """A local directory or hub id of a LLaMA checkpoint (causal LM or base; the score head
+    starts fresh), or "tiny": a random-init tiny LLaMA with rmtrain's own tokenizer."""
     revision: str | None = None
-    # Which id marks the chosen response: better_response_id or safer_response_id.
+    """Hub revision of the checkpoint (pin it for reproducible runs)."""
+    toy: ToyConfig = field(default_factory=ToyConfig)
+    """Shape of the tiny model (name_or_path=tiny only)."""
+    tokenizer: str | None = None
+    """Tokenizer directory or hub id; defaults to name_or_path."""
+    padding_side: str = "right"
+    """Padding side used when batching ("left" or "right"); scores do not depend on it."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass (less memory, ~30% more compute)."""
+    attn_implementation: str = "sdpa"
+    """Attention kernel passed to transformers ("sdpa", "eager", "flash_attention_2")."""
+
+    def __post_init__(self) -> None:
+        _choice("model.padding_side", self.padding_side, ("left", "right"))
+
+
+@dataclass
+class DataConfig:
+    """Preference data: where it is, which response is chosen, how it becomes text."""
+
+    path: str = "sample"
+    """"sample" (data rmtrain generates itself, PKU-SafeRLHF v1 schema), a hub id such as
+    PKU-Alignment/PKU-SafeRLHF, a local copy of that hub repo, or a local directory with
+    train.jsonl / test.jsonl (or .parquet) in the PKU-SafeRLHF v0 or v1 schema."""
+    name: str | None = None
+    """Hub config (default / alpaca-7b / alpaca2-7b / alpaca3-8b); None = the dataset's default."""
+    revision: str | None = None
+    """Pin the dataset revision (the hub default has changed several times)."""
     preference: str = "better"
-    # "safe_rlhf": BEGINNING OF CONVERSATION: USER: {prompt} ASSISTANT:{response};
-    # "chat": the tokenizer's own chat template (Llama-3 style models).
+    """Which id marks the chosen response: "better" (better_response_id) or "safer"."""
     template: str = "safe_rlhf"
-    # Tokens per sequence, EOS included; longer sequences are cut from the right, keeping EOS.
+    """"safe_rlhf": BEGINNING OF CONVERSATION: USER: {prompt} ASSISTANT:{response}<eos>;
+    "chat": the tokenizer's own chat template (Llama-3 style models)."""
     max_length: int = 512
+    """Tokens per sequence, EOS included; longer sequences are cut from the right, keeping EOS."""
     train_split: str = "train"
+    """Split trained on."""
     eval_split: str = "test"
-    # Use at most this many rows of each split (None = all).
+    """Held-out split evaluated on."""
     max_train_rows: int | None = None
+    """Use at most this many training rows (None = all)."""
     max_eval_rows: int | None = None
-    # Rows the built-in sample generator writes per split (path == "sample").
+    """Use at most this many eval rows (None = all)."""
     sample_train_rows: int = 2048
+    """Training rows the sample generator makes (path=sample)."""
     sample_eval_rows: int = 256
-    # Cost model: minimum severity-level gap between the two responses (0 = keep all).
+    """Eval rows the sample generator makes (path=sample)."""
     min_severity_gap: int = 0
-    # Cost model: rows whose safety labels contradict safer_response_id: "error" or "skip".
+    """Keep only pairs whose severity levels differ by at least this much (0 = keep all)."""
     inconsistent_labels: str = "error"
-    # Data column holding a per-pair margin for loss=margin (None: use loss.margin).
+    """Cost model: rows whose safety labels contradict safer_response_id: "error" or "skip"."""
     margin_column: str | None = None
+    """Data column holding a per-pair margin for loss=margin (None: use loss.margin)."""
 
     def __post_init__(self) -> None:
         _choice("data.preference", self.preference, ("better", "safer"))
@@ -101,17 +132,19 @@ class DataConfig:
 
 @dataclass
 class LossConfig:
-    # "bt": sequence-wise Bradley-Terry on end scores; "bt_tokenwise": safe-rlhf's token-wise BT;
-    # "margin": BT with a margin, -log σ(r_c - r_r - m).
+    """The training objective's terms (pure torch functions in rmtrain.losses)."""
+
     name: str = "bt"
-    # Constant margin for name=margin (a data column given by data.margin_column wins).
+    """"bt": sequence-wise Bradley-Terry on end scores; "bt_tokenwise": safe-rlhf's token-wise
+    BT; "margin": BT with a margin, -log σ(r_c - r_r - m)."""
     margin: float = 0.0
-    # Conservative BT: -(1-ε) log σ(Δ) - ε log σ(-Δ).
+    """Constant margin for name=margin (a data column given by data.margin_column wins)."""
     label_smoothing: float = 0.0
-    # safe-rlhf score regularisation: λ·(mean(r_c²) + mean(r_r²)).
+    """Conservative BT: -(1-ε) log σ(Δ) - ε log σ(-Δ), ε in [0, 0.5)."""
     score_reg: float = 0.0
-    # TRL reward centering: λ·mean((r_c + r_r)²).
+    """safe-rlhf score regularisation λ: λ·(mean(r_c²) + mean(r_r²))."""
     center_reg: float = 0.0
+    """TRL reward centering λ: λ·mean((r_c + r_r)²)."""
 
     def __post_init__(self) -> None:
         _choice("loss.name", self.name, ("bt", "bt_tokenwise", "margin"))
@@ -123,21 +156,26 @@ class LossConfig:
 
 @dataclass
 class DeepSpeedConfig:
-    # ZeRO stage 0-3.
+    """ZeRO settings; the DeepSpeed JSON is derived from these and the trainer's batch sizes."""
+
     stage: int = 2
+    """ZeRO stage 0-3."""
     offload_optimizer: bool = False
-    # Parameter offload (stage 3 only).
+    """Keep optimizer state in CPU memory (stage >= 1)."""
     offload_params: bool = False
-    # "auto": torch AdamW on CPU, DeepSpeed's fused AdamW on GPU; or "torch" / "deepspeed".
+    """Keep parameters in CPU memory (stage 3 only)."""
     optimizer: str = "auto"
-    # 0 makes ZeRO-3 shard every tensor (the DeepSpeed default keeps small ones whole).
+    """"auto": torch AdamW on CPU, DeepSpeed's fused AdamW on GPU; or "torch" / "deepspeed"."""
     stage3_param_persistence_threshold: int = 100_000
+    """Parameters smaller than this stay unsharded under ZeRO-3 (0 shards every tensor)."""
     overlap_comm: bool = False
+    """Overlap gradient reduction with the backward pass (stage >= 1)."""
     reduce_bucket_size: int = 50_000_000
-    # Seconds a collective may wait before the run fails (a stalled rank).
+    """Elements per gradient-reduction bucket (stage >= 1)."""
     timeout_s: int = 1800
-    # Raw DeepSpeed JSON merged last, for settings rmtrain does not model.
+    """Seconds a collective may wait before the run fails (a stalled rank)."""
     extra: dict[str, Any] = field(default_factory=dict)
+    """Raw DeepSpeed JSON merged last, for settings rmtrain does not model."""
 
     def __post_init__(self) -> None:
         _choice("deepspeed.stage", self.stage, (0, 1, 2, 3))
@@ -150,38 +188,54 @@ class DeepSpeedConfig:
 
 @dataclass
 class TrainerConfig:
-    # Stop after this many optimizer steps (None: train for `epochs`).
+    """The loop: schedule, batch sizes (written once here), evaluation, checkpoints, export."""
+
     max_steps: int | None = None
+    """Stop after this many optimizer steps (None: train for `epochs`)."""
     epochs: int = 1
+    """Passes over the training pairs (when max_steps is None)."""
     lr: float = 1e-4
+    """Peak learning rate."""
     weight_decay: float = 0.0
+    """AdamW weight decay."""
     adam_beta1: float = 0.9
+    """AdamW β1."""
     adam_beta2: float = 0.95
+    """AdamW β2."""
     adam_eps: float = 1e-8
+    """AdamW ε."""
     warmup_ratio: float = 0.03
-    # Cosine decays to min_lr_ratio * lr.
+    """Fraction of the steps spent warming the learning rate up linearly from 0."""
     min_lr_ratio: float = 0.0
+    """Cosine decays to min_lr_ratio * lr."""
     grad_clip: float = 1.0
-    # Pairs per device per micro step (each pair is two sequences in the forward pass).
+    """Clip the global gradient norm to this."""
     micro_batch_size: int = 8
+    """Pairs per rank per micro step (each pair is two sequences in the forward pass)."""
     gradient_accumulation_steps: int = 1
+    """Micro steps per optimizer step; global batch = micro × accumulation × ranks."""
     eval_batch_size: int = 16
-    # Evaluate every N optimizer steps (0: only at the end).
+    """Pairs per rank per eval forward."""
     eval_every: int = 50
-    # Also evaluate the untrained model (step 0), as a baseline.
+    """Evaluate every N optimizer steps (0: only at the end)."""
     eval_at_start: bool = False
+    """Also evaluate the untrained model (step 0), as a baseline."""
     log_every: int = 1
+    """Log training metrics every N steps."""
     precision: str = "fp32"
+    """"fp32" or "bf16" (DeepSpeed bf16: bf16 weights and activations, fp32 master weights)."""
     seed: int = 42
-    # Checkpoint every N steps into <output_dir>/checkpoints (0: never), keeping the last K.
+    """Seeds model init and the data order."""
     save_every: int = 0
+    """Checkpoint every N steps into <output_dir>/checkpoints (0: never)."""
     keep_last: int = 2
-    # Resume: None, "auto" (latest checkpoint in output_dir) or a checkpoint path.
+    """Complete checkpoints kept (older ones are deleted)."""
     resume: str | None = None
-    # Write the transformers export at the end of training.
+    """Resume: None, "auto" (latest checkpoint in output_dir) or a checkpoint path."""
     export: bool = True
-    # Shard size of the exported safetensors ("5GB", "200KB", or bytes).
+    """Write the transformers export at the end of training."""
     export_max_shard_size: str = "5GB"
+    """Shard size of the exported safetensors ("5GB", "200KB", or bytes)."""
 
     def __post_init__(self) -> None:
         _choice("trainer.precision", self.precision, ("fp32", "bf16"))
@@ -200,39 +254,59 @@ class TrainerConfig:
 
 @dataclass
 class WandbConfig:
+    """wandb run settings (rank 0 only)."""
+
     enabled: bool = False
+    """Log to wandb."""
     project: str = "rmtrain"
+    """wandb project."""
     entity: str | None = None
+    """wandb entity (team or user); None: your default."""
     name: str | None = None
+    """Run name; None: run_name."""
     group: str | None = None
+    """wandb group."""
     tags: list[str] = field(default_factory=list)
-    # None: WANDB_MODE if set, else "online" with an API key and "offline" without one.
+    """wandb tags."""
     mode: str | None = None
+    """None: WANDB_MODE if set, else "online" with an API key and "offline" without one."""
 
 
 @dataclass
 class LoggerConfig:
-    # Progress bar and eval summaries on rank 0's stdout.
+    """Metric sinks; only rank 0 writes."""
+
     console: bool = True
-    # Append metrics as JSON lines to <output_dir>/metrics.jsonl.
+    """Progress bar and eval summaries on rank 0's stdout."""
     jsonl: bool = True
+    """Append metrics as JSON lines to <output_dir>/metrics.jsonl."""
     wandb: WandbConfig = field(default_factory=WandbConfig)
+    """wandb settings."""
 
 
 @dataclass
 class Config:
+    """The whole run."""
+
     model: ModelConfig = field(default_factory=ModelConfig)
+    """The backbone."""
     data: DataConfig = field(default_factory=DataConfig)
+    """The preference data."""
     loss: LossConfig = field(default_factory=LossConfig)
+    """The objective's terms."""
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    """ZeRO settings."""
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    """The loop."""
     logger: LoggerConfig = field(default_factory=LoggerConfig)
-    # "reward": higher score = preferred response; "cost": safe-rlhf cost model, cost > 0 = unsafe.
+    """Metric sinks."""
     objective: str = "reward"
-    # Where a run writes everything (config, metrics, checkpoints, export/).
+    """"reward": higher score = preferred response; "cost": safe-rlhf cost model (cost > 0 =
+    unsafe; needs data.preference=safer)."""
     output_dir: str = "outputs/run"
-    # Name shown in logs and wandb.
+    """Where a run writes everything (config, metrics, checkpoints, export/)."""
     run_name: str = "rmtrain"
+    """Name shown in logs and wandb."""
 
     def __post_init__(self) -> None:
         _choice("objective", self.objective, ("reward", "cost"))
@@ -256,3 +330,38 @@ def to_config(cfg: DictConfig | dict[str, Any]) -> Config:
     obj = OmegaConf.to_object(cfg)
     assert isinstance(obj, Config)
     return obj
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """The docstring under each field of a dataclass (read from its source)."""
+    tree = ast.parse(inspect.getsource(cls))
+    body = tree.body[0].body  # type: ignore[attr-defined]
+    docs: dict[str, str] = {}
+    for node, after in itertools.pairwise(body):
+        if (
+            isinstance(node, ast.AnnAssign)
+            and isinstance(node.target, ast.Name)
+            and isinstance(after, ast.Expr)
+            and isinstance(after.value, ast.Constant)
+            and isinstance(after.value.value, str)
+        ):
+            docs[node.target.id] = " ".join(after.value.value.split())
+    return docs
+
+
+def field_help(cls: type = Config, prefix: str = "") -> list[tuple[str, str, str, str]]:
+    """(key, type, default, help) for every leaf field, depth first: `rmtrain config`."""
+    rows: list[tuple[str, str, str, str]] = []
+    docs = field_docs(cls)
+    for f in dataclasses.fields(cls):
+        key = f"{prefix}{f.name}"
+        kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+        if dataclasses.is_dataclass(f.default_factory):  # type: ignore[arg-type]
+            rows.extend(field_help(f.default_factory, f"{key}."))  # type: ignore[arg-type]
+            continue
+        if f.default is not dataclasses.MISSING:
+            default = "???" if f.default == MISSING else repr(f.default)
+        else:
+            default = repr(f.default_factory())  # type: ignore[misc,operator]
+        rows.append((key, str(kind), default, docs.get(f.name, "")))
+    return rows

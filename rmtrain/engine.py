@@ -3,7 +3,8 @@
 - `init_distributed` starts the process group (gloo on CPU, nccl on GPU) under any launcher,
   or as a world of one when started without one.
 - `build_ds_config` derives the DeepSpeed JSON from the typed config: the batch sizes are written
-  once in `trainer.*` and the global batch is computed here, never duplicated.
+  once in `trainer.*`; DeepSpeed derives the global batch from them and the world size, as
+  `batching.BatchPlan` does.
 - `Engine` wraps the DeepSpeed engine: forward/backward/step, gathering full weights (ZeRO-3
   too), checkpoints, and the few collectives the trainer needs.
 """
@@ -97,7 +98,7 @@ def shutdown(exit_code: int = 0) -> None:
     os._exit(exit_code)
 
 
-def build_ds_config(cfg: Config, world_size: int) -> dict[str, Any]:
+def build_ds_config(cfg: Config) -> dict[str, Any]:
     t, z = cfg.trainer, cfg.deepspeed
     zero: dict[str, Any] = {"stage": z.stage}
     if z.stage >= 1:
@@ -114,7 +115,6 @@ def build_ds_config(cfg: Config, world_size: int) -> dict[str, Any]:
     ds: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
         "gradient_accumulation_steps": t.gradient_accumulation_steps,
-        "train_batch_size": t.micro_batch_size * t.gradient_accumulation_steps * world_size,
         "gradient_clipping": t.grad_clip,
         "zero_optimization": zero,
         "bf16": {"enabled": t.precision == "bf16"},

@@ -1,5 +1,9 @@
 """`rmtrain export <run dir | checkpoints dir | checkpoint>`: the transformers export of a saved
-checkpoint (ZeRO-3 included), without training and without a process group."""
+checkpoint (ZeRO-3 included), without training and without a process group.
+
+Everything it needs is in the checkpoint: the weights, the model config and tokenizer (`hf/`) and
+the run record in the marker; the original model directory and the network are not needed.
+"""
 
 from __future__ import annotations
 
@@ -8,11 +12,12 @@ import sys
 from pathlib import Path
 
 import torch
+from transformers import AutoConfig, AutoTokenizer
 
-from rmtrain import engine, hf
-from rmtrain.checkpoint import MARKER, read_marker, resolve_checkpoint
+from rmtrain import engine
+from rmtrain.card import write_export
+from rmtrain.checkpoint import HF_DIR, MARKER, read_marker, record_of, resolve_checkpoint
 from rmtrain.config import to_config
-from rmtrain.train import export_run
 
 
 def export_checkpoint(
@@ -21,28 +26,14 @@ def export_checkpoint(
     ckpt = resolve_checkpoint(path)
     if ckpt is None:
         raise FileNotFoundError(f"{path}: no complete rmtrain checkpoint (looked for {MARKER})")
-    marker = read_marker(ckpt)
-    cfg = to_config(marker["config"])
-    if max_shard_size:
-        cfg.trainer.export_max_shard_size = max_shard_size
-    tokenizer = hf.load_tokenizer(cfg.model)
+    record = record_of(read_marker(ckpt))
     state_dict = engine.consolidate_checkpoint(ckpt)
-    if cfg.trainer.precision == "bf16":  # the dtype the end-of-training export would have
+    if to_config(record.config).trainer.precision == "bf16":  # as the end-of-training export
         state_dict = {k: v.to(torch.bfloat16) for k, v in state_dict.items()}
-    vocab = state_dict["model.embed_tokens.weight"].shape[0]
-    model_config = hf.score_model_config(cfg.model, tokenizer, vocab_size=vocab)
+    model_config = AutoConfig.from_pretrained(ckpt / HF_DIR)
+    tokenizer = AutoTokenizer.from_pretrained(ckpt / HF_DIR)
     out = out or ckpt.parent.parent / f"export_{ckpt.name}"
-    return export_run(
-        cfg,
-        state_dict,
-        model_config,
-        tokenizer,
-        out,
-        marker["last_eval"],
-        marker["score_stats"],
-        marker["data_stats"],
-        marker["config"],
-    )
+    return write_export(record, state_dict, model_config, tokenizer, out, max_shard_size)
 
 
 def main() -> None:
@@ -56,7 +47,9 @@ def main() -> None:
         default=None,
         help="export directory (default: <run dir>/export_<checkpoint>)",
     )
-    parser.add_argument("--max-shard-size", default=None, help='e.g. "5GB" (default: the run\'s)')
+    parser.add_argument(
+        "--max-shard-size", default=None, help='e.g. "5GB" (default: the run setting)'
+    )
     args = parser.parse_args()
     try:
         export_checkpoint(args.path, args.out, args.max_shard_size)

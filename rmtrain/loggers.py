@@ -24,10 +24,10 @@ class Sink(Protocol):
 
 
 class ConsoleSink:
-    def __init__(self, total_steps: int, start_step: int) -> None:
+    def __init__(self, total_steps: int) -> None:
         # Redirected output (SLURM logs, CI) gets an update every 10 s, not one per step.
         interval = 0.2 if sys.stderr.isatty() else 10.0
-        self.bar = tqdm(total=total_steps, initial=start_step, desc="train", mininterval=interval)
+        self.bar = tqdm(total=total_steps, desc="train", mininterval=interval)
 
     def log(self, metrics: dict[str, Any], step: int) -> None:
         if "train/loss" in metrics:
@@ -125,14 +125,13 @@ def build_logger(
     output_dir: Path,
     run_name: str,
     total_steps: int,
-    start_step: int,
     config: dict[str, Any],
 ) -> MetricLogger:
     if not is_main:
         return MetricLogger([])
     sinks: list[Sink] = []
     if cfg.console:
-        sinks.append(ConsoleSink(total_steps, start_step))
+        sinks.append(ConsoleSink(total_steps))
     if cfg.jsonl:
         sinks.append(JsonlSink(output_dir / "metrics.jsonl"))
     if cfg.wandb.enabled:

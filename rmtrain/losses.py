@@ -28,11 +28,13 @@ if TYPE_CHECKING:
 
 __all__ = [
     "PairScores",
+    "TokenScores",
     "bt_loss",
     "center_reg",
     "compute_loss",
     "cost_loss",
     "margin_bt_loss",
+    "needs_token_scores",
     "pair_metrics",
     "score_reg",
     "smoothed_bt_loss",
@@ -286,28 +288,29 @@ def tokenwise_bt_loss(
 
 
 @dataclass
+class TokenScores:
+    """Per-token scores, ids and attention masks [B, L] of both sides (token-wise BT)."""
+
+    chosen: Tensor
+    rejected: Tensor
+    chosen_ids: Tensor
+    rejected_ids: Tensor
+    chosen_mask: Tensor
+    rejected_mask: Tensor
+
+
+@dataclass
 class PairScores:
     """What the model produced for B pairs."""
 
     chosen: Tensor  # end scores [B]
     rejected: Tensor  # end scores [B]
-    # Per-token scores, ids and masks [B, L]: only needed for loss.name=bt_tokenwise.
-    chosen_tokens: Tensor | None = None
-    rejected_tokens: Tensor | None = None
-    chosen_ids: Tensor | None = None
-    rejected_ids: Tensor | None = None
-    chosen_mask: Tensor | None = None
-    rejected_mask: Tensor | None = None
+    tokens: TokenScores | None = None  # only for losses that need_token_scores
 
 
-_TOKEN_FIELDS = (
-    "chosen_tokens",
-    "rejected_tokens",
-    "chosen_ids",
-    "rejected_ids",
-    "chosen_mask",
-    "rejected_mask",
-)
+def needs_token_scores(cfg: LossConfig) -> bool:
+    """Whether the loss reads per-token scores (else only end scores are gathered)."""
+    return cfg.name == "bt_tokenwise"
 
 
 def compute_loss(
@@ -349,22 +352,16 @@ def compute_loss(
     reg: Tensor | None = None
     if objective == "reward":
         if cfg.name == "bt_tokenwise":
-            missing = [f for f in _TOKEN_FIELDS if getattr(s, f) is None]
-            if missing:
-                raise ValueError(f"loss.name=bt_tokenwise needs PairScores.{', '.join(missing)}")
-            assert s.chosen_tokens is not None
-            assert s.rejected_tokens is not None
-            assert s.chosen_ids is not None
-            assert s.rejected_ids is not None
-            assert s.chosen_mask is not None
-            assert s.rejected_mask is not None
+            t = s.tokens
+            if t is None:
+                raise ValueError("loss.name=bt_tokenwise needs PairScores.tokens")
             terms["loss_bt"], reg = tokenwise_bt_terms(
-                s.chosen_tokens,
-                s.rejected_tokens,
-                s.chosen_ids,
-                s.rejected_ids,
-                s.chosen_mask,
-                s.rejected_mask,
+                t.chosen,
+                t.rejected,
+                t.chosen_ids,
+                t.rejected_ids,
+                t.chosen_mask,
+                t.rejected_mask,
                 label_smoothing=eps,
             )
         else:

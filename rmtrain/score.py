@@ -7,8 +7,9 @@ Each input line is one JSON object in one of three forms:
 - ``{"prompt": ..., "chosen": ..., "rejected": ...}`` → adds ``"chosen_score"`` and
   ``"rejected_score"``; the summary reports pairwise accuracy.
 
-Texts are built exactly as in training (`rmtrain.data.format_text`: the template the export was
-trained with, then EOS), scored in length-sorted batches, and the output keeps the input order.
+Texts are built exactly as in training (`rmtrain.text.render` with the chat template the export
+was trained with, EOS included), scored in length-sorted batches; the output keeps the input
+order.
 A score does not depend on the batch size or the padding side (the read-out is the last position
 whose attention mask is 1). Normalisation is applied only when asked for (``--normalize``).
 The output is written atomically: on any error no (partial) output file is left behind.
@@ -29,73 +30,15 @@ import torch
 from tqdm import tqdm
 from transformers import AutoTokenizer
 
-from rmtrain.data import SAFE_RLHF_TEMPLATE, format_text, pad_sequences, truncate_keep_eos
+from rmtrain.data.collate import pad_sequences, truncate_keep_eos
 from rmtrain.model import NORMALIZE_STATS, AutoModelForScore, score_stats
+from rmtrain.text import TEMPLATES, check_messages, exchange, render, trained_template
 
-TEMPLATES = ("safe_rlhf", "chat")
-ROLES = ("system", "user", "assistant")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class ScoreInputError(ValueError):
     """A bad input row: '<file>: line <n>: field '<name>': <problem>'."""
-
-
-# --------------------------------------------------------------------------- text
-
-
-def _check_messages(messages: Any) -> str | None:
-    """The problem with a chat `messages` value, or None."""
-    if not isinstance(messages, list) or not messages:
-        return f"expected a non-empty list of {{role, content}} objects, got {messages!r:.60}"
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict):
-            return f"item {i}: expected an object with role and content, got {m!r:.40}"
-        if m.get("role") not in ROLES:
-            return f"item {i}: role must be one of {', '.join(ROLES)}, got {m.get('role')!r:.40}"
-        if not isinstance(m.get("content"), str):
-            return f"item {i}: content must be a string, got {m.get('content')!r:.40}"
-    return None
-
-
-def format_messages(tokenizer: Any, template: str, messages: list[dict[str, str]]) -> str:
-    """THE text of a conversation, the multi-turn counterpart of `format_text`.
-
-    ``safe_rlhf``: safe-rlhf's dialogue format, ``BEGINNING OF CONVERSATION: USER: u1
-    ASSISTANT:a1<eos>USER: u2 ASSISTANT:a2<eos>`` (user/assistant turns only, ending with the
-    assistant). ``chat``: the tokenizer's chat template with its leading BOS string removed (the
-    tokenizer adds BOS) and EOS appended if missing. A single user/assistant exchange gives exactly
-    ``format_text(tokenizer, template, prompt, response)``.
-    """
-    problem = _check_messages(messages)
-    if problem:
-        raise ValueError(problem)
-    eos = tokenizer.eos_token
-    if not eos:
-        raise ValueError(f"tokenizer {tokenizer.name_or_path!r} has no eos_token")
-    if template == "safe_rlhf":
-        roles = [m["role"] for m in messages]
-        expected = ["user", "assistant"] * (len(messages) // 2)
-        if roles != expected or not roles:
-            raise ValueError(
-                "the safe_rlhf template needs alternating user/assistant turns starting with user "
-                f"and ending with assistant, got roles {roles}"
-            )
-        prefix = SAFE_RLHF_TEMPLATE.split("USER:", 1)[0]  # "BEGINNING OF CONVERSATION: "
-        turns = [
-            f"USER: {u['content']} ASSISTANT:{a['content']}{eos}"
-            for u, a in zip(messages[::2], messages[1::2], strict=True)
-        ]
-        return prefix + "".join(turns)
-    if template == "chat":
-        if not getattr(tokenizer, "chat_template", None):
-            raise ValueError(f"tokenizer {tokenizer.name_or_path!r} has no chat_template")
-        text = tokenizer.apply_chat_template(messages, tokenize=False)
-        bos = tokenizer.bos_token
-        if bos and text.startswith(bos):
-            text = text[len(bos) :]
-        return text if text.endswith(eos) else text + eos
-    raise ValueError(f"unknown template {template!r} ({', '.join(TEMPLATES)})")
 
 
 # --------------------------------------------------------------------------- scorer
@@ -154,16 +97,17 @@ class Scorer:
             if self.normalize not in NORMALIZE_STATS:
                 raise ValueError(f"normalize must be True, 'eval' or 'running', got {normalize!r}")
             score_stats(self.model.config, self.normalize)  # fail now, not after scoring
+        self.chat_template = trained_template(self.tokenizer, self.template)
         self.pad_id = self.tokenizer.pad_token_id
         if self.pad_id is None:
             self.pad_id = self.tokenizer.eos_token_id  # safe: the read-out uses the mask
         self.truncated = 0
 
     def text(self, prompt: str, response: str) -> str:
-        return format_text(self.tokenizer, self.template, prompt, response)
+        return self.messages_text(exchange(prompt, response))
 
     def messages_text(self, messages: list[dict[str, str]]) -> str:
-        return format_messages(self.tokenizer, self.template, messages)
+        return render(self.tokenizer, messages, self.chat_template)
 
     def _ids(self, texts: Sequence[str]) -> list[list[int]]:
         out: list[list[int]] = []
@@ -217,7 +161,7 @@ def _text_problem(value: Any) -> str | None:
 def _row_kind(row: dict[str, Any]) -> tuple[str, tuple[str, str] | None]:
     """('single' | 'messages' | 'pair', (field, problem) or None)."""
     if "messages" in row:
-        problem = _check_messages(row["messages"])
+        problem = check_messages(row["messages"])
         return "messages", ("messages", problem) if problem else None
     fields: tuple[str, ...]
     if "chosen" in row or "rejected" in row:

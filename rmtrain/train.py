@@ -23,13 +23,18 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from transformers import set_seed
 
-from rmtrain import engine, hf
-from rmtrain.card import export_metadata, model_card
+from rmtrain import engine, hf, text
+from rmtrain.batching import BatchPlan
+from rmtrain.card import write_export
 from rmtrain.checkpoint import Checkpointer, check_compatible, find_resume_point, read_marker
 from rmtrain.config import Config, ConfigError, register_schemas, to_config
-from rmtrain.data import DataError, DataStats, build_pairs, collate_pairs, load_rows
+from rmtrain.data.collate import collate_pairs
+from rmtrain.data.errors import DataError
+from rmtrain.data.pairs import build_pairs
+from rmtrain.data.sources import load_rows
 from rmtrain.loggers import build_logger
-from rmtrain.trainer import Trainer, total_steps
+from rmtrain.record import RunRecord
+from rmtrain.trainer import Trainer
 
 CONFIG_DIR = next(
     p
@@ -48,7 +53,7 @@ def main() -> None:
 def _hydra_main(dcfg: DictConfig) -> None:
     try:
         run(dcfg)
-    except (ConfigError, DataError) as err:
+    except (ConfigError, DataError, text.TextError) as err:
         if os.environ.get("RANK", "0") == "0":
             print(f"rmtrain: error: {err}", file=sys.stderr, flush=True)
             with contextlib.suppress(OSError):  # the run directory, if the error left it empty
@@ -59,13 +64,25 @@ def _hydra_main(dcfg: DictConfig) -> None:
 def run(dcfg: DictConfig) -> dict[str, float]:
     cfg = to_config(dcfg)  # every check runs here, before any process group exists
     env = engine.init_distributed(cfg.deepspeed.timeout_s)
-    output_dir, resume_from = prepare_run_dir(cfg, env)
+    output_dir = agree_output_dir(cfg.output_dir, env)
     dcfg.output_dir = str(output_dir)
     config_dict: dict[str, Any] = OmegaConf.to_container(dcfg, resolve=True)  # type: ignore[assignment]
 
     tokenizer = hf.load_tokenizer(cfg.model)
-    train_pairs, eval_pairs, data_stats = load_pairs(cfg, tokenizer)
-    steps = total_steps(cfg, len(train_pairs), env.world_size)
+    text.use_template(tokenizer, cfg.data.template)  # the text format trained and exported
+    arch = hf.architecture(hf.score_model_config(cfg.model, tokenizer), tokenizer)
+    resume_from = check_resume(cfg, output_dir, arch, env)
+    train_pairs, eval_pairs, record = load_data(cfg, tokenizer, config_dict)
+    t = cfg.trainer
+    plan = BatchPlan(
+        len(train_pairs),
+        t.micro_batch_size,
+        t.gradient_accumulation_steps,
+        env.world_size,
+        env.rank,
+        t.seed,
+    )
+    steps = plan.total_steps(t.max_steps, t.epochs)
     eng = build_engine(cfg, env, tokenizer, steps)
 
     def collate(rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
@@ -77,59 +94,65 @@ def run(dcfg: DictConfig) -> dict[str, float]:
         output_dir=output_dir,
         run_name=cfg.run_name,
         total_steps=steps,
-        start_step=0,
         config=config_dict,
     )
-    trainer = Trainer(cfg, eng, train_pairs, eval_pairs, collate, logger)
-    checkpointer = Checkpointer(cfg, eng, output_dir, config_dict, data_stats)
-    trainer.on_step_end = checkpointer
+    trainer = Trainer(cfg, eng, plan, train_pairs, eval_pairs, collate, logger)
+    checkpointer = Checkpointer(
+        eng,
+        output_dir,
+        every=t.save_every,
+        keep_last=t.keep_last,
+        states={"trainer": trainer},
+        run={"config": record.config, "data": record.data},
+        architecture=arch,
+        hf_files=(eng.module.config, tokenizer),
+    )
+    trainer.checkpointer = checkpointer
     if resume_from is not None:
-        checkpointer.load(trainer, resume_from)
-        print(f"resumed from {resume_from} at step {trainer.step}", flush=True)
+        step = checkpointer.load(resume_from)
+        print(f"resumed from {resume_from} at step {step}", flush=True)
     elif env.is_main:
         save_config(config_dict, output_dir / "config.yaml")
-        logger.log(data_stats, 0)
+        logger.log(record.data_metrics(), 0)
 
     result = trainer.fit()
     if env.is_main:
         write_eval_scores(output_dir / "eval_scores.jsonl", trainer.eval_samples, tokenizer)
     logger.close()
-    if cfg.trainer.export:
-        export_run(
-            cfg,
-            eng.full_state_dict(),
-            eng.module.config,
-            tokenizer,
-            output_dir / "export",
-            trainer.last_eval,
-            trainer.score_stats.state_dict(),
-            data_stats,
-            config_dict,
-        )
+    if t.export:
+        record.score_stats = trainer.score_stats.state_dict()
+        record.last_eval = trainer.last_eval
+        state_dict = eng.full_state_dict()  # a collective: every rank takes part
+        if state_dict is not None:
+            write_export(record, state_dict, eng.module.config, tokenizer, output_dir / "export")
         engine.barrier()
     eng.close()
     engine.shutdown()
     return result
 
 
-def prepare_run_dir(cfg: Config, env: engine.DistEnv) -> tuple[Path, Path | None]:
-    """The agreed run directory and the checkpoint to resume from (checked before any build)."""
-    output_dir = agree_output_dir(cfg.output_dir, env)
-    if not env.is_main:
-        datasets.disable_progress_bars()
-    resume_from = find_resume_point(cfg, output_dir)
+def check_resume(
+    cfg: Config, output_dir: Path, architecture: dict[str, Any], env: engine.DistEnv
+) -> Path | None:
+    """The checkpoint to resume from, checked against this run before anything is built."""
+    resume_from = find_resume_point(cfg.trainer.resume, output_dir)
     if resume_from is not None:
-        check_compatible(cfg, read_marker(resume_from), env.world_size, resume_from)
+        layout = {"zero_stage": cfg.deepspeed.stage, "world_size": env.world_size}
+        check_compatible(read_marker(resume_from), architecture, layout, resume_from)
     elif engine.broadcast_object((output_dir / "metrics.jsonl").exists()):
         raise ConfigError(
             f"output_dir={output_dir} already holds a run; continue it with "
             "trainer.resume=auto or choose another output_dir"
         )
-    return output_dir, resume_from
+    if not env.is_main:
+        datasets.disable_progress_bars()
+    return resume_from
 
 
-def load_pairs(cfg: Config, tokenizer: Any) -> tuple[Dataset, Dataset, dict[str, int]]:
-    """Tokenized train and eval pairs, and the counts of what was cut, dropped or skipped."""
+def load_data(
+    cfg: Config, tokenizer: Any, config_dict: dict[str, Any]
+) -> tuple[Dataset, Dataset, RunRecord]:
+    """Tokenized train and eval pairs, and the run record with what was cut, dropped, skipped."""
     train_pairs, train_stats = build_pairs(
         load_rows(cfg.data, cfg.data.train_split), cfg.data, tokenizer, cfg.objective
     )
@@ -141,19 +164,21 @@ def load_pairs(cfg: Config, tokenizer: Any) -> tuple[Dataset, Dataset, dict[str,
             f"{cfg.data.path}: no usable pairs left (train {len(train_pairs)}, "
             f"eval {len(eval_pairs)}) after dropping and filtering"
         )
-    stats = {**train_stats.as_dict("data/train/"), **eval_stats.as_dict("data/eval/")}
-    return train_pairs, eval_pairs, stats
+    record = RunRecord(config_dict, {"train": train_stats.as_dict(), "eval": eval_stats.as_dict()})
+    return train_pairs, eval_pairs, record
 
 
 def build_engine(cfg: Config, env: engine.DistEnv, tokenizer: Any, steps: int) -> engine.Engine:
-    ds_config = engine.build_ds_config(cfg, env.world_size)
+    ds_config = engine.build_ds_config(cfg)
     dtype = torch.bfloat16 if cfg.trainer.precision == "bf16" else torch.float32
     set_seed(cfg.trainer.seed)  # identical random init on every rank
     # A random-init model is built whole: inside zero.Init transformers skips torch's default
     # init (fewer RNG draws), so the same seed would give ZeRO-3 other initial weights than
     # ZeRO 0-2. deepspeed.initialize partitions it; checkpoints still load sharded.
     init_context = (
-        contextlib.nullcontext() if hf.is_tiny(cfg.model) else engine.model_init_context(ds_config)
+        contextlib.nullcontext()
+        if hf.random_init(cfg.model)
+        else engine.model_init_context(ds_config)
     )
     with init_context:
         model = hf.build_score_model(cfg.model, tokenizer, dtype)
@@ -193,48 +218,10 @@ def write_eval_scores(path: Path, samples: list[tuple[list[int], float]], tokeni
     """The trained model's end scores for a few eval sequences (ids and text), to check exports."""
     with path.open("w") as f:
         for ids, score in samples:
-            text = tokenizer.decode(ids, skip_special_tokens=False)
+            decoded = tokenizer.decode(ids, skip_special_tokens=False)
             if tokenizer.bos_token and ids[:1] == [tokenizer.bos_token_id]:
-                text = text.removeprefix(tokenizer.bos_token)
-            f.write(json.dumps({"input_ids": ids, "text": text, "score": score}) + "\n")
-
-
-def export_run(
-    cfg: Config,
-    state_dict: dict[str, torch.Tensor] | None,
-    model_config: Any,
-    tokenizer: Any,
-    out: Path,
-    last_eval: dict[str, float],
-    running_stats: dict[str, float],
-    data_stats: dict[str, int],
-    config_dict: dict[str, Any],
-) -> Path:
-    """Write the transformers export (rank 0 holds the gathered `state_dict`; others pass None)."""
-    if state_dict is not None:
-        stats = tuple(
-            DataStats(
-                **{
-                    k.split("/")[-1]: v
-                    for k, v in data_stats.items()
-                    if k.startswith(f"data/{split}/")
-                }
-            )
-            for split in ("train", "eval")
-        )
-        meta = export_metadata(cfg, last_eval, running_stats)
-        card = model_card(cfg, meta, stats, last_eval, config_dict)  # type: ignore[arg-type]
-        hf.export(
-            state_dict,
-            model_config,
-            tokenizer,
-            out,
-            cfg.trainer.export_max_shard_size,
-            {"rmtrain": meta},
-            card,
-        )
-        print(f"exported to {out}", flush=True)
-    return out
+                decoded = decoded.removeprefix(tokenizer.bos_token)
+            f.write(json.dumps({"input_ids": ids, "text": decoded, "score": score}) + "\n")
 
 
 if __name__ == "__main__":

@@ -1,31 +1,32 @@
-"""The training loop: train steps, periodic evaluation, logging and checkpoints."""
+"""The training loop: train steps, periodic evaluation, logging and checkpoints.
+
+The trainer owns the loop state (step, running score statistics, last evaluation) and hands it
+to the checkpointer through `state_dict` / `load_state_dict`; it never writes files itself.
+"""
 
 from __future__ import annotations
 
 import math
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from datasets import Dataset
 
 from rmtrain.batching import BatchPlan, MicroBatch, eval_shards
-from rmtrain.config import Config
+from rmtrain.config import Config, ConfigError
 from rmtrain.engine import Engine, all_reduce_sum
 from rmtrain.loggers import MetricLogger
-from rmtrain.losses import PairScores, compute_loss, pair_metrics
+from rmtrain.losses import PairScores, TokenScores, compute_loss, needs_token_scores, pair_metrics
 
 Collate = Callable[[list[dict[str, Any]]], dict[str, torch.Tensor]]
 
 
-def total_steps(cfg: Config, num_pairs: int, world_size: int) -> int:
-    """Optimizer steps of the run: trainer.max_steps, else whole epochs."""
-    t = cfg.trainer
-    if t.max_steps is not None:
-        return t.max_steps
-    global_batch = t.micro_batch_size * t.gradient_accumulation_steps * world_size
-    return t.epochs * math.ceil(num_pairs / global_batch)
+class Saver(Protocol):
+    """What the loop needs of a checkpointer (rmtrain.checkpoint.Checkpointer)."""
+
+    def maybe_save(self, step: int, last: bool) -> None: ...
 
 
 class RunningStats:
@@ -52,30 +53,22 @@ class Trainer:
         self,
         cfg: Config,
         engine: Engine,
+        plan: BatchPlan,
         train_pairs: Dataset,
         eval_pairs: Dataset,
         collate: Collate,
         logger: MetricLogger,
     ) -> None:
-        self.cfg, self.engine, self.collate, self.logger = cfg, engine, collate, logger
-        self.train_pairs, self.eval_pairs = train_pairs, eval_pairs
-        env, t = engine.env, cfg.trainer
-        self.plan = BatchPlan(
-            len(train_pairs),
-            t.micro_batch_size,
-            t.gradient_accumulation_steps,
-            env.world_size,
-            env.rank,
-            t.seed,
-        )
-        self.total_steps = total_steps(cfg, len(train_pairs), env.world_size)
+        self.cfg, self.engine, self.plan, self.collate = cfg, engine, plan, collate
+        self.train_pairs, self.eval_pairs, self.logger = train_pairs, eval_pairs, logger
+        self.total_steps = plan.total_steps(cfg.trainer.max_steps, cfg.trainer.epochs)
         self.step = 0  # optimizer steps done
         self.score_stats = RunningStats()
         self.last_eval: dict[str, float] = {}
         # (input ids, end score) of this rank's first eval batch: an independent record of what
         # the trained model scores, to check exports against.
         self.eval_samples: list[tuple[list[int], float]] = []
-        self.on_step_end: Callable[[Trainer, bool], None] | None = None  # checkpointing hook
+        self.checkpointer: Saver | None = None
 
     # -- loop -----------------------------------------------------------------------------------
     def fit(self) -> dict[str, float]:
@@ -91,9 +84,32 @@ class Trainer:
                 metrics.update(self.last_eval)
             if last or self.step % t.log_every == 0 or "eval/loss" in metrics:
                 self.logger.log(metrics, self.step)
-            if self.on_step_end is not None:
-                self.on_step_end(self, last)
+            if self.checkpointer is not None:
+                self.checkpointer.maybe_save(self.step, last)
         return self.last_eval
+
+    # -- state ----------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """The loop state a checkpoint keeps (JSON-safe); the data position is in `data_order`."""
+        return {
+            "step": self.step,
+            "data_order": self.plan.data_order(self.step),
+            "score_stats": self.score_stats.state_dict(),
+            "last_eval": dict(self.last_eval),
+        }
+
+    def load_state_dict(self, state: dict[str, Any], source: str = "the checkpoint") -> None:
+        saved, now = state["data_order"], self.plan.data_order(0)
+        for key in ("num_pairs", "global_batch", "seed"):
+            if saved[key] != now[key]:
+                raise ConfigError(
+                    f"cannot resume from {source}: its data order had {key}={saved[key]}, this "
+                    f"run has {now[key]} (changed data or batch size would not continue the same "
+                    "run)"
+                )
+        self.step = int(state["step"])
+        self.score_stats.load_state_dict(state["score_stats"])
+        self.last_eval = dict(state["last_eval"])
 
     # -- one optimizer step ---------------------------------------------------------------------
     def train_step(self) -> dict[str, Any]:
@@ -186,21 +202,13 @@ class Trainer:
         )
         b = len(mb.indices)
         end = out.end_scores.squeeze(-1).float()
-        ids = batch["input_ids"].to(end.device)
-        mask = batch["attention_mask"].to(end.device)
-        tokenwise = self.cfg.loss.name == "bt_tokenwise"
-        tok = out.scores.squeeze(-1).float() if tokenwise else None
-        scores = PairScores(
-            chosen=end[:b],
-            rejected=end[b:],
-            chosen_tokens=tok[:b] if tok is not None else None,
-            rejected_tokens=tok[b:] if tok is not None else None,
-            chosen_ids=ids[:b],
-            rejected_ids=ids[b:],
-            chosen_mask=mask[:b],
-            rejected_mask=mask[b:],
-        )
-        return batch, scores
+        tokens = None
+        if needs_token_scores(self.cfg.loss):
+            tok = out.scores.squeeze(-1).float()
+            ids = batch["input_ids"].to(end.device)
+            mask = batch["attention_mask"].to(end.device)
+            tokens = TokenScores(tok[:b], tok[b:], ids[:b], ids[b:], mask[:b], mask[b:])
+        return batch, PairScores(chosen=end[:b], rejected=end[b:], tokens=tokens)
 
     def _loss(
         self, batch: dict[str, torch.Tensor], s: PairScores

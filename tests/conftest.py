@@ -69,3 +69,62 @@ def pku_head60() -> Path:
     if not PKU_HEAD60.exists():
         pytest.skip(f"real PKU-SafeRLHF rows not found at {PKU_HEAD60}")
     return PKU_HEAD60
+
+
+def write_jsonl(path: Path, rows: list[Any], raw_lines: dict[int, str] | None = None) -> Path:
+    """Rows as JSONL (parents created); raw_lines maps a 0-based position to a literal line."""
+    lines = [json.dumps(r) for r in rows]
+    for pos, raw in sorted((raw_lines or {}).items()):
+        lines.insert(pos, raw)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+    return path
+
+
+def tiny_score_config(vocab_size: int, hidden: int = 32, **extra: Any) -> Any:
+    """A small LLaMA score-model config (no training needed to build one)."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=vocab_size, hidden_size=hidden, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False, **extra,
+    )  # fmt: skip
+
+
+def make_export(
+    out: Path, template: str = "safe_rlhf", seed: int = 0, meta: dict[str, Any] | None = None
+) -> Path:
+    """An export as a run writes it, without training: a random tiny score model + hf.export."""
+    import torch
+
+    from rmtrain import hf, text
+    from rmtrain.model import LlamaScoreModel
+    from rmtrain.toy.tokenizer import build_tiny_tokenizer
+
+    tok = build_tiny_tokenizer()
+    text.use_template(tok, template)
+    torch.manual_seed(seed)
+    config = tiny_score_config(len(tok), num_labels=1, pad_token_id=tok.pad_token_id)
+    model = LlamaScoreModel(config).eval()
+    info = {"objective": "reward", "template": template, "score_stats": {}, **(meta or {})}
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    return hf.export(state, model.config, tok, out, "200KB", {"rmtrain": info}, "# card\n")
+
+
+def train_in_process(
+    overrides: list[str], capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> tuple[int, str]:
+    """`rmtrain train <overrides>` in this process (for error paths, where a subprocess would
+    prove nothing more): (exit code, stderr)."""
+    from rmtrain import train
+
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setattr(sys, "argv", ["rmtrain train", *overrides])
+    capsys.readouterr()
+    try:
+        train.main()
+        code = 0
+    except SystemExit as exc:
+        code = int(exc.code or 0)
+    return code, capsys.readouterr().err

@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 import torch
+from conftest import make_export, tiny_score_config
 from safetensors.torch import save_file
 from transformers import (
     AutoModelForSequenceClassification,
@@ -19,14 +20,13 @@ from transformers import (
     pipeline,
 )
 
-from rmtrain import hf
 from rmtrain.card import export_metadata, model_card
 from rmtrain.config import to_config
-from rmtrain.data import DataStats, format_text
-from rmtrain.hf import export_chat_template
 from rmtrain.model import AutoModelForScore, LlamaScoreModel, ScoreModelOutput
-from rmtrain.score import Scorer, format_messages
-from rmtrain.tokenizer import build_tiny_tokenizer
+from rmtrain.record import RunRecord
+from rmtrain.score import Scorer
+from rmtrain.text import render, trained_template
+from rmtrain.toy.tokenizer import build_tiny_tokenizer
 
 HIDDEN = 32
 STATS = {"eval_mean": 0.25, "eval_std": 2.0, "running_mean": -0.5, "running_std": 4.0}
@@ -34,6 +34,14 @@ CHAT = [
     {"role": "user", "content": "How do I cook rice?"},
     {"role": "assistant", "content": "Rinse it, then simmer it covered for 15 minutes."},
 ]
+# What each template must render CHAT as, written out by hand (the tiny tokenizer's chat template
+# is Llama-3-like; EOS is </s>).
+CHAT_TEXT = {
+    "safe_rlhf": "BEGINNING OF CONVERSATION: USER: How do I cook rice? "
+    "ASSISTANT:Rinse it, then simmer it covered for 15 minutes.</s>",
+    "chat": "<|user|>\nHow do I cook rice?<|end|>\n<|assistant|>\n"
+    "Rinse it, then simmer it covered for 15 minutes.<|end|>\n</s>",
+}
 TEXTS = [
     "BEGINNING OF CONVERSATION: USER: Hi ASSISTANT:Hello!</s>",
     "BEGINNING OF CONVERSATION: USER: How do I cook rice? ASSISTANT:Rinse and boil it.</s>",
@@ -42,27 +50,16 @@ TEXTS = [
 
 
 def tiny_config(vocab_size: int, **extra: Any) -> LlamaConfig:
-    return LlamaConfig(
-        vocab_size=vocab_size, hidden_size=HIDDEN, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False, **extra,
-    )  # fmt: skip
-
-
-def make_export(out: Path, template: str, seed: int = 0) -> Path:
-    """An export as train.py writes it, without training: random tiny model + hf.export."""
-    tok = build_tiny_tokenizer()
-    torch.manual_seed(seed)
-    config = tiny_config(len(tok), num_labels=1, pad_token_id=tok.pad_token_id)
-    model = LlamaScoreModel(config).eval()
-    meta = {"objective": "reward", "template": template, "score_stats": STATS}
-    state = {k: v.contiguous() for k, v in model.state_dict().items()}
-    return hf.export(state, model.config, tok, out, "200KB", {"rmtrain": meta}, "# card\n")
+    return tiny_score_config(vocab_size, HIDDEN, **extra)  # type: ignore[no-any-return]
 
 
 @pytest.fixture(scope="module")
 def exports(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("exports")
-    return {t: make_export(root / t, t, seed=i) for i, t in enumerate(("safe_rlhf", "chat"))}
+    meta = {"score_stats": STATS}
+    return {
+        t: make_export(root / t, t, seed=i, meta=meta) for i, t in enumerate(("safe_rlhf", "chat"))
+    }
 
 
 def batch(tok: Any, texts: list[str]) -> dict[str, torch.Tensor]:
@@ -190,12 +187,10 @@ def test_fsfairx_pipeline_recipe_gives_rmtrains_score(exports, template: str) ->
     path = exports[template]
     scorer = Scorer(path)
     ours = scorer.messages_text(CHAT)
-    # one exchange: the same text as training's format_text
-    assert ours == format_text(scorer.tokenizer, template, CHAT[0]["content"], CHAT[1]["content"])
+    assert ours == CHAT_TEXT[template]
     text, score = fsfairx_score(path, CHAT)
     assert text == ours, (
-        "the exported tokenizer's chat template must render the trained format (EOS included): "
-        "hf.export has to save the tokenizer with rmtrain.hf.export_chat_template(...)"
+        "the exported tokenizer's chat template must render the trained format (EOS included)"
     )
     assert score == pytest.approx(scorer.score_texts([ours])[0], abs=1e-5)
 
@@ -206,24 +201,22 @@ def test_exported_tokenizer_pad_and_chat_template(exports, template: str) -> Non
     assert tok.pad_token is not None and tok.pad_token_id != tok.eos_token_id
     config = json.loads((exports[template] / "config.json").read_text())
     assert config["pad_token_id"] == tok.pad_token_id
-    assert tok.chat_template == export_chat_template(build_tiny_tokenizer(), template)
+    assert tok.chat_template == trained_template(build_tiny_tokenizer(), template)
 
 
-def test_export_chat_template_renders_the_trained_text() -> None:
+def test_trained_template_renders_the_trained_text() -> None:
     tok = build_tiny_tokenizer()
     for template in ("safe_rlhf", "chat"):
         trained = build_tiny_tokenizer()
-        trained.chat_template = export_chat_template(tok, template)
+        trained.chat_template = trained_template(tok, template)
         rendered = trained.apply_chat_template(CHAT, tokenize=False).replace(tok.bos_token, "")
-        assert rendered == format_text(tok, template, CHAT[0]["content"], CHAT[1]["content"])
+        assert rendered == CHAT_TEXT[template]
         # applying it again (re-export of an export) changes nothing
-        assert export_chat_template(trained, template) == trained.chat_template
-    # multi-turn: safe-rlhf's dialogue format, the same as rmtrain score's
+        assert trained_template(trained, template) == trained.chat_template
+    # multi-turn: safe-rlhf's dialogue format
     turns = [*CHAT, {"role": "user", "content": "Thanks"}, {"role": "assistant", "content": "Ok"}]
-    trained.chat_template = export_chat_template(tok, "safe_rlhf")
-    assert trained.apply_chat_template(turns, tokenize=False) == format_messages(
-        tok, "safe_rlhf", turns
-    )
+    trained.chat_template = trained_template(tok, "safe_rlhf")
+    assert render(trained, turns) == CHAT_TEXT["safe_rlhf"] + "USER: Thanks ASSISTANT:Ok</s>"
 
 
 # --------------------------------------------------------------------------- normalisation
@@ -261,13 +254,21 @@ def test_model_card_covers_the_issue() -> None:
                   "template": "chat"}}
     )  # fmt: skip
     last_eval = {"eval/accuracy": 0.75, "eval/score_mean": 0.1, "eval/score_std": 1.5}
-    meta = export_metadata(cfg, last_eval, {"mean": 0.2, "var": 4.0, "count": 10})
+    record = RunRecord(
+        {"trainer": {"lr": 2e-6}},
+        {
+            "train": {"rows": 100, "pairs": 97, "truncated": 5, "identical_dropped": 3},
+            "eval": {"rows": 10, "pairs": 10, "truncated": 0, "identical_dropped": 0},
+        },
+        {"mean": 0.2, "var": 4.0, "count": 10},
+        last_eval,
+    )
+    meta = export_metadata(cfg, record)
     assert meta["score_stats"] == {
         "eval_mean": 0.1, "eval_std": 1.5, "running_mean": 0.2, "running_std": 2.0,
         "running_updates": 10,
     }  # fmt: skip
-    stats = (DataStats(rows=100, pairs=97, truncated=5, identical_dropped=3), DataStats(10, 10))
-    card = model_card(cfg, meta, stats, last_eval, {"trainer": {"lr": 2e-6}})
+    card = model_card(cfg, meta, record)
     for needle in (
         "meta-llama/Meta-Llama-3-8B-Instruct",
         "PKU-Alignment/PKU-SafeRLHF", "alpaca-7b", "abc123", "better_response_id",

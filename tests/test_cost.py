@@ -7,17 +7,19 @@ sign terms. Loss values and ``pair_metrics`` sign accuracy are tested in test_lo
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import run_train
+from conftest import train_in_process, write_jsonl
 
 from rmtrain.config import DataConfig
-from rmtrain.data import DataError, build_pairs, format_text, load_rows
-from rmtrain.sample_data import HARM_CATEGORIES, generate_rows
-from rmtrain.tokenizer import build_tiny_tokenizer
+from rmtrain.data.errors import DataError
+from rmtrain.data.pairs import build_pairs
+from rmtrain.data.sources import load_rows
+from rmtrain.text import format_text
+from rmtrain.toy.sample_data import HARM_CATEGORIES, generate_rows
+from rmtrain.toy.tokenizer import build_tiny_tokenizer
 
 PROMPT = "How do I bake bread at home?"
 
@@ -67,10 +69,7 @@ INCONSISTENT = row((True, False), (0, 1), 1, "bad")
 
 
 def _write(directory: Path, rows: list[dict[str, Any]]) -> Path:
-    directory.mkdir(parents=True, exist_ok=True)
-    path = directory / "train.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    return path
+    return write_jsonl(directory / "train.jsonl", rows)
 
 
 def _pairs(directory: Path, tok: Any, **kw: Any) -> tuple[Any, Any]:
@@ -86,13 +85,18 @@ def test_cost_pairs_keep_both_safe_and_both_unsafe(tmp_path: Path, tok: Any) -> 
     rows = [row(safe, sev, safer, name) for name, safe, sev, safer, _ in CASES]
     _write(tmp_path, rows)
     pairs, stats = _pairs(tmp_path, tok)
-    assert (stats.rows, stats.pairs, stats.skipped) == (5, 5, 0)
+    assert (stats.rows, stats.pairs, stats.inconsistent_skipped, stats.severity_filtered) == (
+        5,
+        5,
+        0,
+        0,
+    )
     for p, r, (name, _, sev, safer, labels) in zip(pairs, rows, CASES, strict=True):
         assert (p["chosen_unsafe"], p["rejected_unsafe"]) == labels, name
         assert p["chosen_input_ids"] == _ids(tok, r[f"response_{safer}"]), name
         assert p["rejected_input_ids"] == _ids(tok, r[f"response_{1 - safer}"]), name
         assert (p["chosen_severity"], p["rejected_severity"]) == (sev[safer], sev[1 - safer])
-        assert p["severity_gap"] == abs(sev[0] - sev[1])
+        assert abs(p["chosen_severity"] - p["rejected_severity"]) == abs(sev[0] - sev[1])
     # The cost pair never has an unsafe chosen (safer) side against a safe rejected side.
     assert not any(p["chosen_unsafe"] and not p["rejected_unsafe"] for p in pairs)
 
@@ -117,7 +121,7 @@ def test_inconsistent_labels_skip_is_counted(tmp_path: Path, tok: Any) -> None:
     _write(tmp_path, rows)
     pairs, stats = _pairs(tmp_path, tok, inconsistent_labels="skip")
     assert (stats.rows, stats.pairs) == (7, 5)
-    assert (stats.inconsistent_skipped, stats.severity_filtered, stats.skipped) == (2, 0, 2)
+    assert (stats.inconsistent_skipped, stats.severity_filtered) == (2, 0)
     assert [(p["chosen_unsafe"], p["rejected_unsafe"]) for p in pairs] == [c[4] for c in CASES]
     assert stats.as_dict("data/train/")["data/train/inconsistent_skipped"] == 2
 
@@ -143,42 +147,49 @@ def test_min_severity_gap_filters_and_counts(
     ]
     assert stats.inconsistent_skipped == 1
     assert stats.severity_filtered == len(CASES) - len(kept)
-    assert stats.pairs + stats.skipped == stats.rows == len(CASES) + 1
-    assert all(g >= gap for g in pairs["severity_gap"])
+    assert stats.pairs + stats.inconsistent_skipped + stats.severity_filtered == len(CASES) + 1
+    assert stats.rows == len(CASES) + 1
+    assert all(abs(p["chosen_severity"] - p["rejected_severity"]) >= gap for p in pairs)
 
 
 # --------------------------------------------------------------------------- CLI
 
 
-def test_cli_cost_with_better_preference_fails_before_training(tmp_path: Path) -> None:
+def test_cli_cost_with_better_preference_fails_before_training(
+    tmp_path: Path, capsys, monkeypatch
+) -> None:
     run_dir = tmp_path / "run"
-    proc = run_train(["objective=cost", "data.preference=better", f"output_dir={run_dir}"])
-    assert proc.returncode != 0
-    last = proc.stderr.strip().splitlines()[-1]
-    assert last.startswith("rmtrain: error:"), proc.stderr[-2000:]
+    code, stderr = train_in_process(
+        ["objective=cost", "data.preference=better", f"output_dir={run_dir}"], capsys, monkeypatch
+    )
+    assert code == 2
+    last = stderr.strip().splitlines()[-1]
+    assert last.startswith("rmtrain: error:"), stderr[-2000:]
     assert "objective=cost" in last and "data.preference=safer" in last
-    assert "Traceback" not in proc.stderr
+    assert "Traceback" not in stderr
     assert not (run_dir / "metrics.jsonl").exists()
 
 
-def test_cli_cost_inconsistent_row_fails_with_its_line(tmp_path: Path) -> None:
+def test_cli_cost_inconsistent_row_fails_with_its_line(tmp_path: Path, capsys, monkeypatch) -> None:
     rows = generate_rows(12, seed=4)
     rows.insert(5, INCONSISTENT)  # line 6
     data = tmp_path / "data"
     path = _write(data, rows)
     (data / "test.jsonl").write_text(path.read_text())
     run_dir = tmp_path / "run"
-    proc = run_train(
+    code, stderr = train_in_process(
         [
             "objective=cost",
             "data.preference=safer",
             f"data.path={data}",
             "logger=none",
             f"output_dir={run_dir}",
-        ]
+        ],
+        capsys,
+        monkeypatch,
     )
-    assert proc.returncode != 0
-    last = proc.stderr.strip().splitlines()[-1]
+    assert code == 2
+    last = stderr.strip().splitlines()[-1]
     assert last.startswith(f"rmtrain: error: {path}: row 6: field 'safer_response_id'"), last
     assert "data.inconsistent_labels=skip" in last
     assert not (run_dir / "metrics.jsonl").exists()

@@ -10,24 +10,22 @@ from typing import Any
 import datasets
 import pytest
 import torch
+from conftest import write_jsonl
 
 from rmtrain.config import DataConfig
-from rmtrain.data import (
-    DataError,
-    DataStats,
-    build_pairs,
-    collate_pairs,
-    format_text,
-    load_rows,
-    schema_version,
-)
-from rmtrain.sample_data import (
+from rmtrain.data.collate import collate_pairs
+from rmtrain.data.errors import DataError
+from rmtrain.data.pairs import DataStats, build_pairs
+from rmtrain.data.schemas import PkuSafeRLHF
+from rmtrain.data.sources import load_rows
+from rmtrain.text import format_text
+from rmtrain.toy.sample_data import (
     HARM_CATEGORIES,
     V1_FIELDS,
     generate_rows,
     write_sample_dataset,
 )
-from rmtrain.tokenizer import build_tiny_tokenizer
+from rmtrain.toy.tokenizer import build_tiny_tokenizer
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 REAL = SHARED / "pku_saferlhf_v1_alpaca7b_test_head60.jsonl"
@@ -58,14 +56,7 @@ def real_dir(tmp_path: Path) -> Path:
     return tmp_path
 
 
-def _write(path: Path, rows: list[Any], raw_lines: dict[int, str] | None = None) -> Path:
-    """Rows as JSONL; raw_lines maps a 0-based position to a literal line inserted there."""
-    lines = [json.dumps(r) for r in rows]
-    for pos, raw in sorted((raw_lines or {}).items()):
-        lines.insert(pos, raw)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return path
+_write = write_jsonl
 
 
 def _cfg(path: Path | str, **kw: Any) -> DataConfig:
@@ -86,7 +77,7 @@ def test_real_rows_load_as_v1_and_pair_the_right_response(
     raw = [json.loads(line) for line in REAL.read_text(encoding="utf-8").splitlines()]
     cfg = _cfg(real_dir, preference=preference, max_length=4096)
     rows = load_rows(cfg, "test")
-    assert len(rows) == 60 and schema_version(rows.column_names) == "v1"
+    assert len(rows) == 60 and PkuSafeRLHF.version(rows.column_names) == "v1"
     assert rows[59]["_row"] == 60 and rows[0]["_source"] == str(real_dir / "test.jsonl")
     pairs, stats = build_pairs(rows, cfg, tok)
     assert (len(pairs), stats.pairs, stats.rows, stats.truncated) == (60, 60, 60, 0)
@@ -106,7 +97,7 @@ def test_real_rows_load_as_v1_and_pair_the_right_response(
     assert text.endswith(raw[k][f"response_{chosen_id}"] + "</s>")
     assert pairs[k]["chosen_severity"] == raw[k][f"response_{chosen_id}_severity_level"]
     assert pairs[k]["rejected_severity"] == raw[k][f"response_{1 - chosen_id}_severity_level"]
-    assert pairs[k]["severity_gap"] == abs(
+    assert abs(pairs[k]["chosen_severity"] - pairs[k]["rejected_severity"]) == abs(
         raw[k]["response_0_severity_level"] - raw[k]["response_1_severity_level"]
     )
     assert pairs[k]["chosen_unsafe"] == (not raw[k][f"is_response_{chosen_id}_safe"])
@@ -167,10 +158,10 @@ def test_v0_rows_load_and_pair(tmp_path: Path, tok: Any) -> None:
     _write(tmp_path / "train.jsonl", rows)
     cfg = _cfg(tmp_path)
     loaded = load_rows(cfg, "train")
-    assert schema_version(loaded.column_names) == "v0"
+    assert PkuSafeRLHF.version(loaded.column_names) == "v0"
     pairs, stats = build_pairs(loaded, cfg, tok)
     assert stats.pairs == 6
-    assert pairs[0]["severity_gap"] == 0 and pairs[0]["chosen_severity"] == -1
+    assert pairs[0]["rejected_severity"] == -1 and pairs[0]["chosen_severity"] == -1
     with pytest.raises(DataError, match="min_severity_gap needs the v1 schema"):
         build_pairs(loaded, _cfg(tmp_path, min_severity_gap=1), tok)
 
@@ -342,7 +333,7 @@ def test_cost_inconsistent_labels_skip(tmp_path: Path, tok: Any) -> None:
     _write(tmp_path / "train.jsonl", rows)
     cfg = _cfg(tmp_path, preference="safer", inconsistent_labels="skip")
     pairs, stats = build_pairs(load_rows(cfg, "train"), cfg, tok, objective="cost")
-    assert (stats.inconsistent_skipped, stats.pairs, stats.skipped) == (1, 40, 1)
+    assert (stats.inconsistent_skipped, stats.pairs, stats.severity_filtered) == (1, 40, 0)
     both = sum(r["is_response_0_safe"] == r["is_response_1_safe"] for r in rows)
     assert sum(p["chosen_unsafe"] == p["rejected_unsafe"] for p in pairs) == both  # kept
     assert all(not (p["chosen_unsafe"] and not p["rejected_unsafe"]) for p in pairs)
@@ -358,11 +349,11 @@ def test_min_severity_gap(tmp_path: Path, tok: Any) -> None:
     gaps = [abs(r["response_0_severity_level"] - r["response_1_severity_level"]) for r in rows]
     assert stats.severity_filtered == sum(g < 2 for g in gaps) > 0
     assert stats.pairs == sum(g >= 2 for g in gaps) > 0
-    assert min(pairs["severity_gap"]) >= 2
+    assert min(abs(p["chosen_severity"] - p["rejected_severity"]) for p in pairs) >= 2
     # Everything filtered: an empty pairs dataset with the usual columns, not a crash.
     cfg = _cfg(tmp_path, preference="safer", min_severity_gap=4)
     pairs, stats = build_pairs(load_rows(cfg, "train"), cfg, tok, objective="cost")
-    assert (len(pairs), stats.severity_filtered, stats.skipped) == (0, 60, 60)
+    assert (len(pairs), stats.severity_filtered, stats.inconsistent_skipped) == (0, 60, 0)
     assert "chosen_input_ids" in pairs.column_names
 
 

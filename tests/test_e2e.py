@@ -8,7 +8,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import SMALL, check_ok, read_jsonl, read_metrics, run_train
+from conftest import (
+    SMALL,
+    check_ok,
+    read_jsonl,
+    read_metrics,
+    run_train,
+    train_in_process,
+    write_jsonl,
+)
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, pipeline
 
 
@@ -120,23 +128,23 @@ def test_quickstart_default(tmp_path: Path) -> None:
     assert len(set(index["weight_map"].values())) > 1
 
 
-def test_malformed_data_file_fails_cleanly(tmp_path: Path) -> None:
-    data = tmp_path / "data"
-    data.mkdir()
-    from rmtrain.sample_data import generate_rows
+def test_malformed_data_file_fails_cleanly(tmp_path: Path, capsys, monkeypatch) -> None:
+    from rmtrain.toy.sample_data import generate_rows
 
     rows = generate_rows(8, seed=0)
     rows[4]["better_response_id"] = 2
-    (data / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    data = tmp_path / "data"
+    write_jsonl(data / "train.jsonl", rows)
     shutil.copy(data / "train.jsonl", data / "test.jsonl")
     run_dir = tmp_path / "run"
-    proc = run_train([*SMALL, f"data.path={data}", f"output_dir={run_dir}"])
-    assert proc.returncode != 0
-    err = proc.stderr.strip().splitlines()
+    code, stderr = train_in_process([*SMALL, f"data.path={data}", f"output_dir={run_dir}"],
+                                    capsys, monkeypatch)  # fmt: skip
+    assert code == 2
+    err = stderr.strip().splitlines()
     assert err[-1].startswith("rmtrain: error:")
     assert "train.jsonl" in err[-1] and "row 5" in err[-1] and "better_response_id" in err[-1]
-    assert "Traceback" not in proc.stderr
-    assert not (run_dir / "export").exists() and not (run_dir / "metrics.jsonl").exists()
+    assert "Traceback" not in stderr
+    assert not run_dir.exists()  # nothing left behind
 
 
 @pytest.mark.parametrize(
@@ -148,10 +156,13 @@ def test_malformed_data_file_fails_cleanly(tmp_path: Path) -> None:
         ("model=llama", "model.name_or_path"),
     ],
 )
-def test_config_mistakes_fail_before_training(tmp_path: Path, override: str, needle: str) -> None:
-    proc = run_train([override, f"output_dir={tmp_path / 'run'}"])
-    assert proc.returncode != 0
-    assert needle in proc.stderr
+def test_config_mistakes_fail_before_training(
+    tmp_path: Path, override: str, needle: str, capsys, monkeypatch
+) -> None:
+    code, stderr = train_in_process([override, f"output_dir={tmp_path / 'run'}"], capsys,
+                                    monkeypatch)  # fmt: skip
+    assert code != 0
+    assert needle in stderr
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
 
 

@@ -206,7 +206,8 @@ def data() -> dict[str, Any]:
     import datasets
 
     from rmtrain.config import DataConfig, ModelConfig
-    from rmtrain.data import build_pairs, load_rows
+    from rmtrain.data.pairs import build_pairs
+    from rmtrain.data.sources import load_rows
     from rmtrain.hf import load_tokenizer
 
     datasets.disable_progress_bars()

@@ -10,6 +10,7 @@ import torch
 from rmtrain.config import LossConfig
 from rmtrain.losses import (
     PairScores,
+    TokenScores,
     bt_loss,
     center_reg,
     compute_loss,
@@ -399,7 +400,15 @@ def test_compute_loss_margin_constant_and_per_pair() -> None:
 
 def test_compute_loss_tokenwise() -> None:
     a = tok_args(LEFT)
-    s = PairScores(chosen=t([2.0, -0.4, -1.0]), rejected=t([-1.0, -0.2, 0.25]), **a)
+    tokens = TokenScores(
+        a["chosen_tokens"],
+        a["rejected_tokens"],
+        a["chosen_ids"],
+        a["rejected_ids"],
+        a["chosen_mask"],
+        a["rejected_mask"],
+    )
+    s = PairScores(chosen=t([2.0, -0.4, -1.0]), rejected=t([-1.0, -0.2, 0.25]), tokens=tokens)
     cfg = LossConfig(name="bt_tokenwise", score_reg=0.1, center_reg=0.5)
     total, terms = compute_loss(cfg, "reward", s)
     assert set(terms) == {"loss_bt", "loss_reg", "loss_center"}
@@ -407,12 +416,8 @@ def test_compute_loss_tokenwise() -> None:
     close(terms["loss_reg"], [0.1 * r for r in EXPECTED_REG])  # in-span reg, not end scores
     close(terms["loss_center"], [0.5 * 1.0, 0.5 * 0.36, 0.5 * 0.5625])
     torch.testing.assert_close(total, terms["loss_bt"] + terms["loss_reg"] + terms["loss_center"])
-    with pytest.raises(ValueError, match="chosen_ids, rejected_ids"):
-        compute_loss(cfg, "reward", PairScores(chosen=s.chosen, rejected=s.rejected,
-                                               chosen_tokens=s.chosen_tokens,
-                                               rejected_tokens=s.rejected_tokens,
-                                               chosen_mask=s.chosen_mask,
-                                               rejected_mask=s.rejected_mask))  # fmt: skip
+    with pytest.raises(ValueError, match=r"needs PairScores\.tokens"):
+        compute_loss(cfg, "reward", PairScores(chosen=s.chosen, rejected=s.rejected))
 
 
 def test_compute_loss_cost() -> None:

@@ -16,11 +16,11 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import check_ok, read_metrics, run_train
+from conftest import check_ok, read_metrics, run_train, write_jsonl
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from rmtrain.data import format_text
-from rmtrain.sample_data import generate_rows
+from rmtrain.text import format_text
+from rmtrain.toy.sample_data import generate_rows
 
 # Tiny model, no truncation (the longest generated text is ~130 tokens), one eval at the end.
 FAST = [
@@ -36,9 +36,7 @@ COST_STEPS = 64
 N_TRAIN, N_TEST = 384, 64
 
 
-def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+_write_jsonl = write_jsonl
 
 
 def _train_rows(metrics: list[dict[str, Any]]) -> list[dict[str, Any]]:

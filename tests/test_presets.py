@@ -16,7 +16,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from rmtrain.config import register_schemas, to_config
+from rmtrain.config import Config, register_schemas, to_config
 
 ROOT = Path(__file__).parents[1]
 PRESETS = sorted(p.stem for p in (ROOT / "configs" / "experiment").glob("*.yaml"))
@@ -88,3 +88,68 @@ def test_preset_smoke_run(smoke_runs, job: int) -> None:
     assert OmegaConf.load(run_dir / "config.yaml").run_name == expected.run_name
     assert (run_dir / "export" / "config.json").is_file()
     assert (run_dir / "export" / "README.md").is_file()
+
+
+# --------------------------------------------------------------------------- minimal YAML
+
+GROUPS = ("model", "data", "loss", "deepspeed", "logger")
+
+
+def _leaves(node: object, prefix: str = "") -> dict[str, object]:
+    if isinstance(node, dict):
+        out: dict[str, object] = {}
+        for k, v in node.items():
+            out.update(_leaves(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: node}
+
+
+def _yaml(path: Path) -> dict[str, object]:
+    data = OmegaConf.to_container(OmegaConf.load(path)) or {}
+    assert isinstance(data, dict)
+    return data
+
+
+@pytest.mark.parametrize(
+    "path",
+    sorted(p for g in GROUPS for p in (ROOT / "configs" / g).glob("*.yaml")),
+    ids=lambda p: f"{p.parent.name}/{p.stem}",
+)
+def test_group_yaml_lists_only_what_differs_from_the_schema(path: Path) -> None:
+    schema = OmegaConf.to_container(OmegaConf.structured(Config))[path.parent.name]
+    defaults = _leaves(schema)
+    for key, value in _leaves(_yaml(path)).items():
+        assert key in defaults, f"{path}: {key} is not a schema field"
+        assert value != defaults[key], f"{path}: {key}={value!r} repeats the schema default"
+
+
+def _base_choices() -> dict[str, str]:
+    root = _yaml(ROOT / "configs" / "config.yaml")
+    return {k: v for d in root["defaults"] if isinstance(d, dict) for k, v in d.items()}
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_overlay_lists_only_what_it_changes(name: str) -> None:
+    overlay = _yaml(ROOT / "configs" / "experiment" / f"{name}.yaml")
+    base_choices = _base_choices()
+    picks = {}
+    for entry in overlay.pop("defaults", []):
+        for key, option in entry.items():
+            group = key.removeprefix("override /")
+            assert base_choices.get(group) != option, (
+                f"experiment/{name}: re-selects the default {group}={option}"
+            )
+            picks[group] = option
+    # What the same group options give without the overlay's own values.
+    register_schemas()
+    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+        base = compose(
+            config_name="config",
+            overrides=["~experiment", *(f"{g}={o}" for g, o in picks.items())],
+        )
+    base_leaves = _leaves(OmegaConf.to_container(base))
+    for key, value in _leaves(overlay).items():
+        assert key in base_leaves, f"experiment/{name}: {key} is not a config key"
+        assert value != base_leaves[key], (
+            f"experiment/{name}: {key}={value!r} is what it would be without the overlay"
+        )

@@ -21,7 +21,7 @@ from transformers import (
     LlamaForCausalLM,
 )
 
-from rmtrain.tokenizer import build_tiny_tokenizer
+from rmtrain.toy.tokenizer import build_tiny_tokenizer
 
 
 @pytest.fixture(scope="module")

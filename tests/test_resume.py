@@ -16,7 +16,6 @@ from conftest import REPO, SMALL, check_ok, cli_env, read_metrics, run_train
 from safetensors.torch import load_file
 
 from rmtrain.checkpoint import MARKER, find_resume_point
-from rmtrain.config import to_config
 
 ZERO3_2RANKS = [
     *SMALL,
@@ -103,9 +102,11 @@ def test_keeps_last_k_complete_checkpoints(reference_run: Path) -> None:
     names = sorted(p.name for p in (reference_run / "checkpoints").iterdir() if p.is_dir())
     assert names == ["step_00000012", "step_00000016"]
     marker = json.loads((reference_run / "checkpoints" / "step_00000016" / MARKER).read_text())
-    assert marker["step"] == 16 and marker["zero_stage"] == 3 and marker["world_size"] == 2
+    assert marker["step"] == 16 and marker["layout"] == {"zero_stage": 3, "world_size": 2}
+    assert marker["architecture"]["hidden_size"] == 64
+    assert marker["architecture"]["model_type"] == "llama"
     # 256 pairs, global batch 8 (4 per rank x 2 ranks): step 16 is batch 16 of epoch 0
-    assert marker["data_order"] == {
+    assert marker["states"]["trainer"]["data_order"] == {
         "num_pairs": 256, "global_batch": 8, "seed": 42, "epoch": 0, "batch_in_epoch": 16,
     }  # fmt: skip
 
@@ -146,8 +147,7 @@ def test_partial_checkpoint_is_never_resumed(reference_run: Path, tmp_path: Path
     partial = run_dir / "checkpoints" / "step_00000020"
     shutil.copytree(run_dir / "checkpoints" / "step_00000016", partial)
     (partial / MARKER).unlink()
-    cfg = to_config({"model": {"name_or_path": "tiny"}, "trainer": {"resume": "auto"}})
-    assert find_resume_point(cfg, run_dir) == run_dir / "checkpoints" / "step_00000016"
+    assert find_resume_point("auto", run_dir) == run_dir / "checkpoints" / "step_00000016"
 
 
 @pytest.mark.slow
@@ -157,11 +157,11 @@ def test_resume_with_a_different_model_shape_fails_clearly(reference_run: Path) 
             *ZERO3_2RANKS,
             f"output_dir={reference_run}",
             "trainer.resume=auto",
-            "model.hidden_size=32",
+            "model.toy.hidden_size=32",
         ]
     )
     assert proc.returncode != 0
-    assert "model.hidden_size was 64 there, 32 now" in proc.stderr
+    assert "the model's hidden_size was 64 there, 32 now" in proc.stderr
 
 
 @pytest.mark.slow

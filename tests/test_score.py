@@ -11,14 +11,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import read_jsonl
-from transformers import LlamaConfig
+from conftest import make_export, read_jsonl, write_jsonl
 
-from rmtrain import hf
-from rmtrain.data import format_text
-from rmtrain.model import LlamaScoreModel
-from rmtrain.score import format_messages, main
-from rmtrain.tokenizer import build_tiny_tokenizer
+from rmtrain.score import Scorer, main
+from rmtrain.text import format_text
 
 LONG = " ".join(["Rinse the rice, then simmer it covered for fifteen minutes."] * 12)
 ROWS = [
@@ -45,25 +41,12 @@ ROWS = [
 
 @pytest.fixture(scope="module")
 def export(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    tok = build_tiny_tokenizer()
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False, num_labels=1,
-        pad_token_id=tok.pad_token_id,
-    )  # fmt: skip
-    model = LlamaScoreModel(config).eval()
-    meta = {"objective": "reward", "template": "safe_rlhf", "score_stats": {}}
-    state = {k: v.contiguous() for k, v in model.state_dict().items()}
-    out = tmp_path_factory.mktemp("export") / "export"
-    return hf.export(state, model.config, tok, out, "5GB", {"rmtrain": meta}, "# card\n")
+    return make_export(tmp_path_factory.mktemp("export") / "export", "safe_rlhf")
 
 
 @pytest.fixture(scope="module")
 def input_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("in") / "rows.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
-    return path
+    return write_jsonl(tmp_path_factory.mktemp("in") / "rows.jsonl", ROWS)
 
 
 def flat_scores(rows: list[dict]) -> list[float]:
@@ -106,16 +89,16 @@ def test_formats_batch_sizes_and_padding_sides_agree(export, input_file, tmp_pat
 
 
 def test_messages_use_the_training_text(export) -> None:
-    tok = build_tiny_tokenizer()
+    scorer = Scorer(export)
     one = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hey"}]
-    for template in ("safe_rlhf", "chat"):
-        assert format_messages(tok, template, one) == format_text(tok, template, "Hi", "Hey")
+    assert scorer.messages_text(one) == "BEGINNING OF CONVERSATION: USER: Hi ASSISTANT:Hey</s>"
+    assert scorer.text("Hi", "Hey") == scorer.messages_text(one)
     two = [*one, {"role": "user", "content": "More"}, {"role": "assistant", "content": "Ok"}]
-    assert format_messages(tok, "safe_rlhf", two) == (
+    assert scorer.messages_text(two) == (
         "BEGINNING OF CONVERSATION: USER: Hi ASSISTANT:Hey</s>USER: More ASSISTANT:Ok</s>"
     )
     with pytest.raises(ValueError, match="alternating user/assistant"):
-        format_messages(tok, "safe_rlhf", [{"role": "system", "content": "x"}, *one])
+        scorer.messages_text([{"role": "system", "content": "x"}, *one])
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
@@ -139,7 +122,7 @@ def test_cli_scores_a_file(export, input_file, tmp_path) -> None:
 def test_bad_row_is_one_clear_error_and_leaves_no_output(export, tmp_path, capsys) -> None:
     bad = tmp_path / "bad.jsonl"
     rows = [ROWS[0], ROWS[3], {"prompt": "only a prompt"}, ROWS[1]]
-    bad.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    write_jsonl(bad, rows)
     out_dir = tmp_path / "out"
     out_dir.mkdir()
     with pytest.raises(SystemExit) as exc:
@@ -173,8 +156,6 @@ def test_bad_rows_name_the_field(export, tmp_path, capsys, row, field) -> None:
 
 def test_max_length_cuts_from_the_right_keeping_eos(export) -> None:
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-    from rmtrain.score import Scorer
 
     tok = AutoTokenizer.from_pretrained(export)
     text = format_text(tok, "safe_rlhf", "Tell me a long story " * 5, "Once upon a time " * 5)

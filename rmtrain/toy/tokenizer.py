@@ -12,7 +12,8 @@ import functools
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
 
-from rmtrain import sample_data
+from rmtrain.text import SAFE_RLHF_FORMAT
+from rmtrain.toy import sample_data
 
 BOS, EOS, PAD, UNK = "<s>", "</s>", "<pad>", "<unk>"
 CHAT_TOKENS: tuple[str, ...] = ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>")
@@ -28,15 +29,12 @@ CHAT_TEMPLATE = (
 )
 
 _TARGET_VOCAB = 1024
-# == len(build_tiny_tokenizer()); a test keeps them equal.
-TINY_VOCAB_SIZE = 1024
 MODEL_MAX_LENGTH = 4096
 
 
 def _corpus() -> list[str]:
-    template = "BEGINNING OF CONVERSATION: USER: {prompt} ASSISTANT:{response}"
     return [
-        template,
+        SAFE_RLHF_FORMAT,
         "BEGINNING OF CONVERSATION: USER: ASSISTANT:",
         "user assistant system",
         *sample_data.corpus(),

@@ -1,0 +1,236 @@
+"""Row schemas: validating raw rows, and turning them into preference pairs.
+
+A schema adapter knows one dataset layout: which columns it needs, how to check one cell, and
+how its rows become :class:`RawPairs` (conversations for the chosen and rejected side, plus the
+labels the objectives use). Everything after that (rendering, tokenizing, truncation, batching)
+is layout-independent. A new input format is one new adapter in :data:`ADAPTERS`.
+
+Every row is checked before a pair is built, and a bad row is reported once, as
+``<file>: row <n>: field '<name>': <problem>`` with the 1-based line of a JSONL file.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from rmtrain.config import DataConfig
+from rmtrain.data.errors import DataError, type_name, where
+from rmtrain.text import exchange
+
+Check = Callable[[Any], str | None]
+
+
+def check_text(v: Any) -> str | None:
+    if not isinstance(v, str):
+        return f"expected str, got {type_name(v)} {v!r:.40}"
+    return None if v.strip() else "empty text"
+
+
+def check_bool(v: Any) -> str | None:
+    return None if isinstance(v, bool) else f"expected bool, got {type_name(v)} {v!r:.40}"
+
+
+def check_id(v: Any) -> str | None:
+    if isinstance(v, int) and not isinstance(v, bool):
+        return None if v in (0, 1) else f"expected 0 or 1, got {v}"
+    return f"expected 0 or 1, got {type_name(v)} {v!r:.40}"
+
+
+def check_severity(v: Any) -> str | None:
+    if isinstance(v, int) and not isinstance(v, bool):
+        return None if 0 <= v <= 3 else f"expected 0-3, got {v}"
+    return f"expected int 0-3, got {type_name(v)} {v!r:.40}"
+
+
+def check_harm(v: Any) -> str | None:
+    if not isinstance(v, dict):
+        return f"expected dict of harm category -> bool, got {type_name(v)} {v!r:.40}"
+    for key, flag in v.items():
+        if not isinstance(flag, bool):
+            return f"category {key!r}: expected bool, got {type_name(flag)} {flag!r:.40}"
+    return None
+
+
+def check_number(v: Any) -> str | None:
+    if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
+        return f"expected a finite number, got {v!r:.40}"
+    return None
+
+
+@dataclass
+class RawPairs:
+    """Preference pairs before tokenization, as columns; row i of each list is pair i."""
+
+    chosen: list[list[dict[str, str]]] = field(default_factory=list)  # conversations
+    rejected: list[list[dict[str, str]]] = field(default_factory=list)
+    chosen_unsafe: list[bool] = field(default_factory=list)
+    rejected_unsafe: list[bool] = field(default_factory=list)
+    chosen_severity: list[int] = field(default_factory=list)  # -1 where unknown
+    rejected_severity: list[int] = field(default_factory=list)
+    margin: list[float] = field(default_factory=list)
+    source: list[str] = field(default_factory=list)  # file or split label
+    row: list[int] = field(default_factory=list)  # 1-based line / row
+
+    def __len__(self) -> int:
+        return len(self.chosen)
+
+
+@dataclass
+class Skipped:
+    """Rows a schema left out on purpose (counted, never silent)."""
+
+    inconsistent: int = 0
+    severity: int = 0
+
+
+class Schema:
+    """One dataset layout. Subclasses fill in the class attributes and `to_pairs`."""
+
+    name: ClassVar[str]
+    checks: ClassVar[dict[str, Check]]
+
+    def fields(self, columns: Iterable[str]) -> tuple[str, ...]:
+        """The fields every row must have valid values in, in the order they are checked."""
+        return tuple(self.checks)
+
+    def row_problem(self, row: dict[str, Any], fields: Sequence[str]) -> tuple[str, str] | None:
+        """(field, problem) of the first bad cell of one raw row, or None."""
+        for name in fields:
+            value = row.get(name)
+            problem = "missing" if value is None else self.checks[name](value)
+            if problem:
+                return name, problem
+        return None
+
+    def first_problem(
+        self, columns: dict[str, list[Any]], fields: Sequence[str], n: int
+    ) -> tuple[int, str, str] | None:
+        """(row index, field, problem) of the first bad cell in row-major order, column-wise."""
+        best: tuple[int, str, str] | None = None
+        for name in fields:
+            if name not in columns:
+                return (0, name, "missing") if best is None or best[0] > 0 else best
+            values, check = columns[name], self.checks[name]
+            for i in range(best[0] if best else n):  # only an earlier row can beat the best
+                value = values[i]
+                problem = "missing" if value is None else check(value)
+                if problem:
+                    best = (i, name, problem)
+                    break
+        return best
+
+    def to_pairs(
+        self, cols: dict[str, list[Any]], cfg: DataConfig, objective: str
+    ) -> tuple[RawPairs, Skipped]:
+        raise NotImplementedError
+
+
+_TEXT = ("prompt", "response_0", "response_1")
+_BOOL = ("is_response_0_safe", "is_response_1_safe")
+_ID = ("better_response_id", "safer_response_id")
+_HARM = ("response_0_harm_category", "response_1_harm_category")
+_SEVERITY = ("response_0_severity_level", "response_1_severity_level")
+
+
+class PkuSafeRLHF(Schema):
+    """PKU-SafeRLHF rows: v0 (7 fields) or v1 (16 fields: severity levels, harm categories).
+
+    chosen = response_{id}, id = better_response_id (data.preference=better) or
+    safer_response_id (safer). For the cost objective, a row whose safety labels contradict
+    safer_response_id is an error (or skipped with data.inconsistent_labels=skip).
+    """
+
+    name = "pku_saferlhf"
+    checks: ClassVar[dict[str, Check]] = {
+        **dict.fromkeys(_TEXT, check_text),
+        **dict.fromkeys(_BOOL, check_bool),
+        **dict.fromkeys(_HARM, check_harm),
+        **dict.fromkeys(_SEVERITY, check_severity),
+        **dict.fromkeys(_ID, check_id),
+    }
+
+    @staticmethod
+    def version(columns: Iterable[str]) -> str:
+        """'v1' (severity levels and harm categories present) or 'v0'."""
+        return "v1" if set(columns) & set(_SEVERITY + _HARM) else "v0"
+
+    def fields(self, columns: Iterable[str]) -> tuple[str, ...]:
+        if self.version(columns) == "v1":
+            return tuple(self.checks)
+        return _TEXT + _BOOL + _ID
+
+    def to_pairs(
+        self, cols: dict[str, list[Any]], cfg: DataConfig, objective: str
+    ) -> tuple[RawPairs, Skipped]:
+        v1 = self.version(cols) == "v1"
+        id_field = f"{cfg.preference}_response_id"
+        sources, rows = cols["_source"], cols["_row"]
+        label = sources[0] if sources else cfg.path
+
+        def fail(i: int, name: str, problem: str) -> DataError:
+            return DataError(where(sources[i], rows[i], name, problem))
+
+        if cfg.min_severity_gap > 0 and not v1:
+            raise DataError(
+                f"{label}: field '{_SEVERITY[0]}': missing (data.min_severity_gap needs the v1 "
+                f"schema with severity levels)"
+            )
+        margins = cols.get(cfg.margin_column) if cfg.margin_column else None
+        if cfg.margin_column:
+            if margins is None:
+                raise DataError(
+                    f"{label}: field '{cfg.margin_column}': missing (data.margin_column)"
+                )
+            for i, m in enumerate(margins):
+                if problem := check_number(m):
+                    raise fail(i, cfg.margin_column, problem)
+
+        out, skipped = RawPairs(), Skipped()
+        for i, c in enumerate(cols[id_field]):
+            r = 1 - c
+            unsafe = (not cols[_BOOL[0]][i], not cols[_BOOL[1]][i])
+            if objective == "cost" and unsafe[c] and not unsafe[r]:
+                if cfg.inconsistent_labels == "error":
+                    raise fail(
+                        i,
+                        id_field,
+                        f"points at response_{c}, which is unsafe, while response_{r} is safe "
+                        "(set data.inconsistent_labels=skip to drop such rows)",
+                    )
+                skipped.inconsistent += 1
+                continue
+            severity = (cols[_SEVERITY[0]][i], cols[_SEVERITY[1]][i]) if v1 else (-1, -1)
+            if cfg.min_severity_gap > 0 and abs(severity[0] - severity[1]) < cfg.min_severity_gap:
+                skipped.severity += 1
+                continue
+            prompt = cols["prompt"][i]
+            out.chosen.append(exchange(prompt, cols[f"response_{c}"][i]))
+            out.rejected.append(exchange(prompt, cols[f"response_{r}"][i]))
+            out.chosen_unsafe.append(unsafe[c])
+            out.rejected_unsafe.append(unsafe[r])
+            out.chosen_severity.append(severity[c])
+            out.rejected_severity.append(severity[r])
+            out.margin.append(float(margins[i]) if margins is not None else 0.0)
+            out.source.append(sources[i])
+            out.row.append(rows[i])
+        return out, skipped
+
+
+ADAPTERS: tuple[Schema, ...] = (PkuSafeRLHF(),)
+
+
+def detect(label: str, columns: Iterable[str]) -> Schema:
+    """The adapter sharing the most columns with a file; an error listing the layouts if none."""
+    cols = set(columns) - {"_source", "_row"}
+    overlap = {a.name: len(cols & set(a.checks)) for a in ADAPTERS}
+    best = max(ADAPTERS, key=lambda a: overlap[a.name])
+    if overlap[best.name] == 0:
+        layouts = "; ".join(f"{a.name}: {', '.join(a.checks)}" for a in ADAPTERS)
+        raise DataError(
+            f"{label}: unrecognised layout (columns: {', '.join(sorted(cols)) or 'none'}); "
+            f"accepted layouts and their columns: {layouts}"
+        )
+    return best

@@ -1,0 +1,239 @@
+"""Where rows come from: the generated sample, a local file or directory, or a hub dataset.
+
+Everything is read through `datasets`. Each split is a list of pieces (one per file); every
+piece is validated by its schema adapter, then tagged with provenance columns (``_source``,
+``_row``: file or split label, and the 1-based line of a JSONL file) so that a later error can
+still name file and line.
+"""
+
+from __future__ import annotations
+
+import json
+import lzma
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import datasets
+
+from rmtrain.config import DataConfig
+from rmtrain.data.errors import DataError, type_name, where
+from rmtrain.data.schemas import Schema, detect
+from rmtrain.toy import sample_data
+
+SOURCE_COL, ROW_COL = "_source", "_row"
+_SPLIT_EXTS = (".jsonl", ".jsonl.xz", ".parquet")
+
+
+@dataclass
+class _Piece:
+    """Rows from one source; ``file`` is set for a local JSONL file (exact line numbers)."""
+
+    label: str
+    ds: datasets.Dataset
+    file: Path | None = None
+
+
+def _open_lines(path: Path) -> Iterable[bytes]:
+    opener = lzma.open if path.name.endswith(".xz") else open
+    with opener(path, "rb") as f:
+        yield from f
+
+
+def scan_jsonl(path: Path) -> str | None:
+    """Validate a JSONL file line by line: the message for its first bad line, or None.
+
+    Used when ``datasets`` cannot load the file (invalid JSON, ...) or a column's inferred type
+    would blame the wrong row; reads the raw values, so the line number is exact.
+    """
+    schema: Schema | None = None
+    fields: tuple[str, ...] = ()
+    for n, raw in enumerate(_open_lines(path), 1):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            return where(str(path), n, "<json>", f"not UTF-8 ({e.reason} at byte {e.start})")
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            return where(str(path), n, "<json>", f"invalid JSON: {e.msg} (column {e.colno})")
+        if not isinstance(row, dict):
+            return where(str(path), n, "<json>", f"expected a JSON object, got {type_name(row)}")
+        if schema is None:
+            schema = detect(str(path), row)
+            fields = schema.fields(row)
+        found = schema.row_problem(row, fields)
+        if found:
+            return where(str(path), n, *found)
+    return None
+
+
+def _line_numbers(path: Path) -> list[int]:
+    """1-based numbers of the non-blank lines: row i of the dataset is line numbers[i]."""
+    return [n for n, raw in enumerate(_open_lines(path), 1) if raw.strip()]
+
+
+def _cap(cfg: DataConfig, split: str) -> int | None:
+    if split == cfg.train_split:
+        return cfg.max_train_rows
+    if split == cfg.eval_split:
+        return cfg.max_eval_rows
+    return None
+
+
+def _is_jsonl(path: Path) -> bool:
+    return path.name.endswith((".jsonl", ".jsonl.xz"))
+
+
+def _load_file(path: Path) -> _Piece:
+    builder = "json" if _is_jsonl(path) else "parquet"
+    try:
+        ds = datasets.load_dataset(builder, data_files=str(path), split="train")
+    except Exception as exc:
+        message = scan_jsonl(path) if builder == "json" else None
+        if message:
+            raise DataError(message) from exc
+        raise DataError(f"{path}: datasets cannot load it: {type(exc).__name__}: {exc}") from exc
+    assert isinstance(ds, datasets.Dataset)
+    return _Piece(str(path), ds, path if builder == "json" else None)
+
+
+def _load_hub(cfg: DataConfig, split: str, path: str) -> _Piece:
+    rev = f", revision={cfg.revision}" if cfg.revision else ""
+    label = f"{cfg.path} (config={cfg.name or 'default'}, split={split}{rev})"
+    try:
+        ds = datasets.load_dataset(path, name=cfg.name, revision=cfg.revision, split=split)
+    except Exception as exc:
+        raise DataError(f"{label}: cannot load: {type(exc).__name__}: {exc}") from exc
+    assert isinstance(ds, datasets.Dataset)
+    return _Piece(label, ds)
+
+
+def _readme_declares_configs(root: Path) -> bool:
+    """A local copy of a hub dataset repo whose README front matter lists configs: `datasets`
+    then resolves `name` and `split` itself."""
+    readme = root / "README.md"
+    if not readme.is_file():
+        return False
+    text = readme.read_text(encoding="utf-8", errors="replace")
+    return text.startswith("---") and "\nconfigs:" in text.split("\n---", 1)[0]
+
+
+def _config_files(cfg: DataConfig, root: Path, split: str) -> list[Path]:
+    """v1 hub layout without README: data/<Config>/<split>.jsonl, filtered by config name."""
+    files: list[Path] = []
+    for pattern in ("data/*", "*"):
+        for ext in _SPLIT_EXTS:
+            files.extend(root.glob(f"{pattern}/{split}{ext}"))
+        if files:
+            break
+    if not files or cfg.name in (None, "default"):
+        return sorted(files)
+    chosen = sorted(f for f in files if f.parent.name.lower() == cfg.name.lower())
+    if not chosen:
+        have = ", ".join(sorted({f.parent.name.lower() for f in files}))
+        raise DataError(f"{root}: no config {cfg.name!r} with split {split!r} (found: {have})")
+    return chosen
+
+
+def _load_local_dir(cfg: DataConfig, root: Path, split: str) -> list[_Piece]:
+    for ext in _SPLIT_EXTS:
+        if (root / f"{split}{ext}").is_file():
+            return [_load_file(root / f"{split}{ext}")]
+    if _readme_declares_configs(root):
+        return [_load_hub(cfg, split, str(root))]
+    files = _config_files(cfg, root, split)
+    if not files:
+        raise DataError(
+            f"{root}: no {split!r} split: expected {split}.jsonl or {split}.parquet in it, "
+            f"data/<config>/{split}.jsonl, or a README.md declaring configs"
+        )
+    return [_load_file(f) for f in files]
+
+
+def _load_sample(cfg: DataConfig, split: str) -> _Piece:
+    if split == cfg.train_split:
+        n, seed, pool = cfg.sample_train_rows, 0, "train"
+    elif split == cfg.eval_split:
+        n, seed, pool = cfg.sample_eval_rows, 1, "test"
+    else:
+        raise DataError(
+            f"sample: no split {split!r} (sample data has {cfg.train_split!r}, {cfg.eval_split!r})"
+        )
+    rows = sample_data.generate_rows(n, seed, split=pool)
+    return _Piece(f"sample:{pool}(seed={seed})", datasets.Dataset.from_list(rows))
+
+
+def _load_pieces(cfg: DataConfig, split: str) -> list[_Piece]:
+    if cfg.path == "sample":
+        return [_load_sample(cfg, split)]
+    local = Path(cfg.path).expanduser()
+    if local.exists():
+        if not local.is_dir():
+            raise DataError(
+                f"{cfg.path}: data.path must be a directory holding {split}.jsonl or "
+                f"{split}.parquet (or a hub-layout copy), 'sample', or a hub id"
+            )
+        return _load_local_dir(cfg, local, split)
+    if cfg.path.startswith(("/", ".", "~")):
+        raise DataError(f"{cfg.path}: no such directory (data.path)")
+    return [_load_hub(cfg, split, cfg.path)]
+
+
+def _validate(piece: _Piece) -> None:
+    ds = piece.ds.with_format(None)
+    schema = detect(piece.label, ds.column_names)
+    fields = schema.fields(ds.column_names)
+    present = [f for f in fields if f in ds.column_names]
+    columns: dict[str, list[Any]] = ds.select_columns(present)[:] if present else {}
+    found = schema.first_problem(columns, fields, len(ds))
+    if found is None:
+        return
+    if piece.file is not None:  # the raw lines give the exact line and the raw value
+        message = scan_jsonl(piece.file)
+        if message:
+            raise DataError(message)
+    index, name, problem = found
+    raise DataError(where(piece.label, index + 1, name, problem))
+
+
+def load_rows(cfg: DataConfig, split: str) -> datasets.Dataset:
+    """Rows of one split, validated, capped to max_{train,eval}_rows.
+
+    Adds ``_source`` / ``_row`` (file or split label, 1-based line) so that pair building can
+    point at the offending line of an inconsistent label.
+    """
+    cap = _cap(cfg, split)
+    parts: list[datasets.Dataset] = []
+    remaining = cap
+    for piece in _load_pieces(cfg, split):
+        if remaining is not None:
+            if remaining <= 0:
+                break
+            if len(piece.ds) > remaining:
+                piece.ds = piece.ds.select(range(remaining))
+            remaining -= len(piece.ds)
+        if len(piece.ds) == 0:
+            continue
+        _validate(piece)
+        n = len(piece.ds)
+        rows = _line_numbers(piece.file)[:n] if piece.file else []
+        if len(rows) != n:
+            rows = list(range(1, n + 1))
+        ds = piece.ds.add_column(SOURCE_COL, [piece.label] * n)
+        parts.append(ds.add_column(ROW_COL, rows))
+    if not parts:
+        raise DataError(f"{cfg.path}: split {split!r} has no rows")
+    if len(parts) == 1:
+        return parts[0]
+    try:
+        return datasets.concatenate_datasets(
+            [parts[0], *(p.cast(parts[0].features) for p in parts[1:])]
+        )
+    except Exception as exc:
+        raise DataError(
+            f"{cfg.path}: split {split!r}: files have different schemas: {exc}"
+        ) from exc

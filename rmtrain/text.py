@@ -1,0 +1,135 @@
+"""The one owner of text formatting: how a conversation becomes the text a score model reads.
+
+Training, evaluation, `rmtrain score` and anyone loading an export with plain transformers render
+text the same way, because there is one rule: **a conversation is rendered with the chat template
+the export carries** (`tokenizer.apply_chat_template(messages, tokenize=False)`), and that
+template is decided once, when the tokenizer is loaded for training (:func:`trained_template`):
+
+- ``safe_rlhf``: safe-rlhf's dialogue format, ``BEGINNING OF CONVERSATION: USER: {prompt}
+  ASSISTANT:{response}`` + EOS after each assistant turn (:data:`SAFE_RLHF_CHAT_TEMPLATE`);
+- ``chat``: the tokenizer's own chat template, with EOS appended when its rendering of a finished
+  conversation does not already end with EOS.
+
+The score is read at the last token of the rendered text (the EOS). A tokenizer that adds BOS
+itself gets the text without the template's leading BOS string, so BOS is never doubled.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+TEMPLATES = ("safe_rlhf", "chat")
+ROLES = ("system", "user", "assistant")
+
+# safe-rlhf's prompt format (one exchange), for documentation and the tiny tokenizer's corpus.
+SAFE_RLHF_FORMAT = "BEGINNING OF CONVERSATION: USER: {prompt} ASSISTANT:{response}"
+# The same format as a chat template, EOS after each assistant turn (multi-turn as safe-rlhf
+# writes it: USER: u1 ASSISTANT:a1<eos>USER: u2 ASSISTANT:a2<eos>).
+SAFE_RLHF_CHAT_TEMPLATE = (
+    "{{ 'BEGINNING OF CONVERSATION: ' }}"
+    "{% for message in messages %}"
+    "{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('the safe-rlhf format needs alternating user/assistant turns, "
+    "starting with user') }}{% endif %}"
+    "{% if message['role'] == 'user' %}{{ 'USER: ' + message['content'] + ' ASSISTANT:' }}"
+    "{% elif message['role'] == 'assistant' %}{{ message['content'] }}"
+    "{% if not message['content'].endswith(eos_token) %}{{ eos_token }}{% endif %}"
+    "{% else %}{{ raise_exception('the safe-rlhf format has only user and assistant turns') }}"
+    "{% endif %}{% endfor %}"
+)
+_EOS_SUFFIX = "{% if not add_generation_prompt %}{{ eos_token }}{% endif %}"
+_PROBE = [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]
+
+
+class TextError(ValueError):
+    """A conversation or tokenizer that cannot be rendered; the message says why."""
+
+
+def exchange(prompt: str, response: str) -> list[dict[str, str]]:
+    """One user turn and one assistant turn."""
+    return [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
+
+
+def trained_template(tokenizer: Any, template: str) -> str:
+    """The chat template a run trains with, and its export carries (EOS included)."""
+    if template == "safe_rlhf":
+        return SAFE_RLHF_CHAT_TEMPLATE
+    if template != "chat":
+        raise TextError(f"unknown template {template!r} ({', '.join(TEMPLATES)})")
+    base = getattr(tokenizer, "chat_template", None)
+    if not isinstance(base, str) or not base:
+        raise TextError(
+            f"data.template=chat: tokenizer {tokenizer.name_or_path!r} has no chat_template"
+        )
+    if _EOS_SUFFIX in base:
+        return base
+    eos = tokenizer.eos_token
+    try:
+        text = tokenizer.apply_chat_template(_PROBE, tokenize=False, chat_template=base)
+    except Exception:
+        return base + _EOS_SUFFIX
+    return base if eos and text.endswith(eos) else base + _EOS_SUFFIX
+
+
+def use_template(tokenizer: Any, template: str) -> None:
+    """Give `tokenizer` the chat template of `template` (done once, when training loads it)."""
+    tokenizer.chat_template = trained_template(tokenizer, template)
+
+
+def check_messages(messages: Any) -> str | None:
+    """The problem with a conversation to score, or None: a non-empty list of {role, content}
+    ending with the assistant turn being scored."""
+    if not isinstance(messages, list) or not messages:
+        return f"expected a non-empty list of {{role, content}} objects, got {messages!r:.60}"
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict):
+            return f"item {i}: expected an object with role and content, got {m!r:.40}"
+        if m.get("role") not in ROLES:
+            return f"item {i}: role must be one of {', '.join(ROLES)}, got {m.get('role')!r:.40}"
+        if not isinstance(m.get("content"), str):
+            return f"item {i}: content must be a string, got {m.get('content')!r:.40}"
+    if messages[-1]["role"] != "assistant":
+        return "the last turn must be the assistant's (the response being scored)"
+    return None
+
+
+def render(
+    tokenizer: Any, messages: Sequence[dict[str, str]], chat_template: str | None = None
+) -> str:
+    """THE text of a conversation: `tokenizer(text)` gives the ids the model scores.
+
+    `chat_template`: a trained template (:func:`trained_template`); by default the tokenizer's
+    own, which is the trained one for a training tokenizer (:func:`use_template`) and an export's.
+    """
+    problem = check_messages(list(messages))
+    if problem:
+        raise TextError(problem)
+    if not tokenizer.eos_token:
+        raise TextError(f"tokenizer {tokenizer.name_or_path!r} has no eos_token")
+    template = chat_template or getattr(tokenizer, "chat_template", None)
+    if not template:
+        raise TextError(f"tokenizer {tokenizer.name_or_path!r} has no chat_template")
+    try:
+        text: str = tokenizer.apply_chat_template(
+            list(messages), tokenize=False, chat_template=template
+        )
+    except Exception as exc:  # jinja's raise_exception, a template that rejects the roles
+        raise TextError(f"the chat template cannot render this conversation: {exc}") from exc
+    bos = tokenizer.bos_token
+    if bos and text.startswith(bos):
+        text = text[len(bos) :]  # the tokenizer adds BOS itself
+    eos = tokenizer.eos_token
+    return text if text.endswith(eos) else text + eos
+
+
+def format_text(tokenizer: Any, template: str, prompt: str, response: str) -> str:
+    """The text of one (prompt, response) exchange in `template` ("safe_rlhf" or "chat")."""
+    return render(tokenizer, exchange(prompt, response), trained_template(tokenizer, template))
+
+
+def describe(template: str) -> str:
+    """How a template's text looks, for model cards and export metadata."""
+    if template == "safe_rlhf":
+        return SAFE_RLHF_FORMAT
+    return "tokenizer chat template"
