@@ -1,0 +1,420 @@
+"""Side by side: TRL's RewardTrainer vs a padded and a packed (padding-free) plain-torch loop.
+
+    python benchmarks/vs_trl.py [--pairs 512] [--steps 24] [--warmup 4] [--repeats 3]
+                                [--threads N] [--row-tokens 1024] [--runs trl padded packed]
+
+All runs train the same saved LLaMA score model (hidden 256, 4 layers, ~6M parameters, fp32, sdpa,
+no gradient checkpointing) on the same token-id pairs in the same batches: 16 pairs per optimizer
+step, taken in order from one seeded permutation (TRL with `train_sampling_strategy="sequential"`
+on the dataset stored in that order). Optimizer everywhere: fused AdamW (TRL: `adamw_torch_fused`),
+constant lr, no weight decay, gradient clipping at 1.0 (the Trainer default).
+
+* trl     -- `trl.RewardTrainer`: `[2B, L]` right-padded (chosen then rejected), score at the last
+             non-pad token, pairs longer than `max_length` dropped (none are: max_length=512).
+* padded  -- the same layout in a plain loop (`rmtrain.packing.padded_scores`).
+* packed  -- `run_rmtrain`: for now a plain packed loop (`rmtrain.packing.packed_scores`, rows of
+             `--row-tokens`); to be wired to rmtrain's trainer.
+
+Each run is its own process (clean peak RSS), the order of runs alternates between repeats, and
+the table shows medians over repeats. tokens/s counts real (non-pad) tokens over the steps after
+`--warmup`; "real frac" is real tokens / tokens in the tensors fed to the model. The first
+`--check-steps` losses of every run must match TRL's (same weights, data and optimizer).
+Timings mean something only on an otherwise idle machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+PAIRS_PER_STEP = 16
+VOCAB = 8192
+PAD_ID = 0
+MAX_LENGTH = 512  # TRL's max_length: above every sequence, so TRL drops no pair
+LENGTH_RANGE = (46, 454)
+LENGTH_MEDIAN = 129
+LENGTH_SIGMA = 0.5
+RUNS = ("trl", "padded", "packed")
+
+Pair = tuple[list[int], list[int]]
+Result = dict[str, Any]
+
+
+# ---------------------------------------------------------------------------------------------
+# assets: data set, step order, model
+
+
+def make_pairs(n: int, seed: int) -> list[Pair]:
+    """Token-id pairs, lengths lognormal (median 129) clipped to 46..454, ids in 1..VOCAB-1."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    logn = torch.exp(math.log(LENGTH_MEDIAN) + LENGTH_SIGMA * torch.randn(2 * n, generator=gen))
+    lengths: list[int] = logn.round().clamp(*LENGTH_RANGE).long().tolist()
+    seqs = [torch.randint(1, VOCAB, (k,), generator=gen).tolist() for k in lengths]
+    return [(seqs[2 * i], seqs[2 * i + 1]) for i in range(n)]
+
+
+def make_model(path: Path, seed: int) -> int:
+    import torch
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=256,
+        intermediate_size=768,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        pad_token_id=PAD_ID,
+        use_cache=False,
+    )
+    config.num_labels = 1
+    model = LlamaForSequenceClassification(config)
+    model.save_pretrained(path)
+    return sum(p.numel() for p in model.parameters())
+
+
+def make_assets(workdir: Path, pairs: int, steps: int, seed: int) -> dict[str, Any]:
+    import torch
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    data = make_pairs(pairs, seed)
+    order = torch.randperm(pairs, generator=torch.Generator().manual_seed(seed + 1)).tolist()
+    needed = steps * PAIRS_PER_STEP
+    order = (order * math.ceil(needed / pairs))[:needed]  # epochs wrap around
+    (workdir / "pairs.json").write_text(json.dumps({"pairs": data, "order": order}))
+    n_params = make_model(workdir / "model", seed)
+    lens = sorted(len(s) for p in data for s in p)
+    return {
+        "params": n_params,
+        "seq_len_min": lens[0],
+        "seq_len_median": statistics.median(lens),
+        "seq_len_mean": round(statistics.fmean(lens), 1),
+        "seq_len_max": lens[-1],
+    }
+
+
+def load_assets(workdir: Path) -> tuple[list[Pair], list[list[int]]]:
+    raw = json.loads((workdir / "pairs.json").read_text())
+    pairs = [(list(c), list(r)) for c, r in raw["pairs"]]
+    order = raw["order"]
+    batches = [order[i : i + PAIRS_PER_STEP] for i in range(0, len(order), PAIRS_PER_STEP)]
+    return pairs, batches
+
+
+def load_model(workdir: Path) -> Any:
+    import torch
+    from transformers import LlamaForSequenceClassification
+
+    model = LlamaForSequenceClassification.from_pretrained(
+        workdir / "model", dtype=torch.float32, attn_implementation="sdpa"
+    )
+    return model.train()
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def step_tokens(pairs: list[Pair], batch: list[int]) -> tuple[int, int]:
+    """(real tokens, tokens of the right-padded [2B, L] batch)."""
+    seqs = [s for i in batch for s in pairs[i]]
+    return sum(len(s) for s in seqs), len(seqs) * max(len(s) for s in seqs)
+
+
+# ---------------------------------------------------------------------------------------------
+# runs
+
+
+def run_trl(workdir: Path, pairs: list[Pair], batches: list[list[int]], args: Any) -> Result:
+    import datasets
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from transformers import PreTrainedTokenizerFast, TrainerCallback
+    from trl import RewardConfig, RewardTrainer
+
+    # TRL wants a tokenizer for its pad token only: the data set is already token ids.
+    vocab = {f"t{i}": i for i in range(VOCAB)}
+    vocab["<pad>"] = vocab.pop(f"t{PAD_ID}")
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer(WordLevel(vocab, unk_token="<pad>")),
+        pad_token="<pad>",
+        eos_token="<pad>",
+    )
+    ordered = [pairs[i] for b in batches for i in b]
+    dataset = datasets.Dataset.from_dict(
+        {"chosen_ids": [c for c, _ in ordered], "rejected_ids": [r for _, r in ordered]}
+    )
+    config = RewardConfig(
+        output_dir=str(workdir / "trl-out"),
+        per_device_train_batch_size=PAIRS_PER_STEP,
+        gradient_accumulation_steps=1,
+        max_steps=len(batches),
+        learning_rate=args.lr,
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        weight_decay=0.0,
+        max_grad_norm=1.0,
+        optim="adamw_torch_fused",
+        bf16=False,
+        fp16=False,
+        gradient_checkpointing=False,
+        max_length=MAX_LENGTH,
+        train_sampling_strategy="sequential",
+        dataloader_num_workers=0,
+        dataloader_pin_memory=False,
+        use_cpu=True,
+        save_strategy="no",
+        logging_steps=10_000,
+        report_to="none",
+        disable_tqdm=True,
+        seed=args.seed,
+    )
+    losses: list[float] = []
+    times: list[float] = []
+
+    class Recorder(RewardTrainer):
+        def compute_loss(self, model: Any, inputs: Any, *a: Any, **kw: Any) -> Any:
+            out = super().compute_loss(model, inputs, *a, **kw)
+            if model.training:
+                loss = out[0] if isinstance(out, tuple) else out
+                losses.append(float(loss.detach()))
+            return out
+
+    class Timer(TrainerCallback):
+        start = 0.0
+
+        def on_step_begin(self, *a: Any, **kw: Any) -> None:
+            self.start = time.perf_counter()
+
+        def on_step_end(self, *a: Any, **kw: Any) -> None:
+            times.append(time.perf_counter() - self.start)
+
+    trainer = Recorder(
+        model=load_model(workdir),
+        args=config,
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        callbacks=[Timer()],
+    )
+    kept = trainer.train_dataset
+    if not isinstance(kept, datasets.Dataset) or len(kept) != len(ordered):
+        raise RuntimeError("TRL dropped pairs (max_length filter); the runs would differ")
+    trainer.train()
+    opt: Any = getattr(trainer.optimizer, "optimizer", trainer.optimizer)
+    padded = [step_tokens(pairs, b)[1] for b in batches]
+    return {
+        "losses": losses,
+        "step_s": times,
+        "fed_tokens": padded,
+        "optimizer": f"{type(opt).__name__}(fused={opt.defaults.get('fused')})",
+    }
+
+
+def torch_loop(
+    workdir: Path,
+    pairs: list[Pair],
+    batches: list[list[int]],
+    args: Any,
+    packed: bool,
+) -> Result:
+    """A plain fp32 loop: forward/backward of the pair loss, clip 1.0, fused AdamW."""
+    import torch
+
+    from rmtrain.packing import pack_sequences, packed_scores, padded_scores
+
+    torch.manual_seed(args.seed)
+    model = load_model(workdir)
+    optim = torch.optim.AdamW(
+        model.parameters(), lr=args.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, fused=True
+    )
+    losses: list[float] = []
+    times: list[float] = []
+    fed: list[int] = []
+    for batch in batches:
+        start = time.perf_counter()
+        seqs = [pairs[i][0] for i in batch] + [pairs[i][1] for i in batch]
+        if packed:
+            pb = pack_sequences(seqs, max_row_tokens=args.row_tokens or None, pad_token_id=PAD_ID)
+            out = packed_scores(model, pb)
+            fed.append(pb["input_ids"].numel())
+        else:
+            out = padded_scores(model, seqs, pad_token_id=PAD_ID)
+            fed.append(len(seqs) * max(len(s) for s in seqs))
+        end = out.end_scores.squeeze(-1)
+        chosen, rejected = end[: len(batch)], end[len(batch) :]
+        loss = -torch.nn.functional.logsigmoid(chosen - rejected).mean()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optim.step()
+        optim.zero_grad(set_to_none=True)
+        losses.append(float(loss.detach()))
+        times.append(time.perf_counter() - start)
+    return {
+        "losses": losses,
+        "step_s": times,
+        "fed_tokens": fed,
+        "optimizer": f"{type(optim).__name__}(fused={optim.defaults.get('fused')})",
+    }
+
+
+def run_rmtrain(workdir: Path, pairs: list[Pair], batches: list[list[int]], args: Any) -> Result:
+    """>>> rmtrain STAND-IN: wire this to rmtrain's trainer (issue 11). <<<
+
+    Must train `load_model(workdir)` on `batches` (lists of indices into `pairs`, one optimizer
+    step each, chosen = pairs[i][0], rejected = pairs[i][1]) with lr `args.lr`, constant schedule,
+    fused AdamW, clip 1.0, fp32, and return {"losses": per-step mean pair loss, "step_s": per-step
+    wall seconds, "fed_tokens": per-step tokens in the tensors fed to the model}.
+    For now: the plain packed loop.
+    """
+    return torch_loop(workdir, pairs, batches, args, packed=True)
+
+
+WORKERS: dict[str, Callable[[Path, list[Pair], list[list[int]], Any], Result]] = {
+    "trl": run_trl,
+    "padded": lambda w, p, b, a: torch_loop(w, p, b, a, packed=False),
+    "packed": run_rmtrain,
+}
+
+
+def worker(name: str, args: Any) -> None:
+    import torch
+
+    torch.set_num_threads(args.threads)
+    workdir = Path(args.workdir)
+    pairs, batches = load_assets(workdir)
+    result = WORKERS[name](workdir, pairs, batches, args)
+    result["real_tokens"] = [step_tokens(pairs, b)[0] for b in batches]
+    result["peak_rss_mb"] = peak_rss_mb()
+    print("RESULT " + json.dumps(result), flush=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# orchestration
+
+
+def launch(name: str, args: Any) -> Result:
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", name]
+    for key in ("workdir", "threads", "lr", "seed", "row_tokens"):
+        cmd += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+    }
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
+    lines = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
+    if proc.returncode or not lines:
+        sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-4000:])
+        raise RuntimeError(f"run {name} failed (exit {proc.returncode})")
+    result: Result = json.loads(lines[-1][len("RESULT ") :])
+    return result
+
+
+def summarise(result: Result, warmup: int) -> dict[str, float]:
+    times = result["step_s"][warmup:]
+    real = result["real_tokens"][warmup:]
+    fed = result["fed_tokens"][warmup:]
+    return {
+        "tokens_per_s": sum(real) / sum(times),
+        "step_s": statistics.median(times),
+        "real_frac": sum(real) / sum(fed),
+        "peak_rss_mb": result["peak_rss_mb"],
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
+    parser.add_argument("--pairs", type=int, default=512)
+    parser.add_argument("--steps", type=int, default=24)
+    parser.add_argument("--warmup", type=int, default=4)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=max(1, (os.cpu_count() or 2) // 2))
+    parser.add_argument(
+        "--row-tokens", type=int, default=1024, help="packed row width; 0 = one row"
+    )
+    parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--check-steps", type=int, default=3)
+    parser.add_argument("--check-tol", type=float, default=1e-4)
+    parser.add_argument("--runs", nargs="+", default=list(RUNS), choices=RUNS)
+    parser.add_argument("--workdir", default=None)
+    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+
+    if args.worker:
+        worker(args.worker, args)
+        return
+    if args.warmup >= args.steps:
+        parser.error("--warmup must be below --steps")
+    args.workdir = args.workdir or tempfile.mkdtemp(prefix="rmtrain-vs-trl-")
+    info = make_assets(Path(args.workdir), args.pairs, args.steps, args.seed)
+    print(
+        f"model: {info['params'] / 1e6:.2f}M params (hidden 256, 4 layers), fp32, sdpa | "
+        f"{args.pairs} pairs, seq len min/median/mean/max "
+        f"{info['seq_len_min']}/{info['seq_len_median']}/{info['seq_len_mean']}/"
+        f"{info['seq_len_max']} | {PAIRS_PER_STEP} pairs/step, {args.steps} steps "
+        f"({args.warmup} warmup), {args.repeats} repeats, {args.threads} threads, "
+        f"packed rows {args.row_tokens or 'one'}",
+        flush=True,
+    )
+
+    summaries: dict[str, list[dict[str, float]]] = {name: [] for name in args.runs}
+    first: dict[str, list[float]] = {}
+    for rep in range(args.repeats):
+        order = args.runs if rep % 2 == 0 else args.runs[::-1]
+        for name in order:
+            result = launch(name, args)
+            summaries[name].append(summarise(result, args.warmup))
+            first.setdefault(name, result["losses"][: args.check_steps])
+            s = summaries[name][-1]
+            print(
+                f"  repeat {rep} {name:>7}: {s['tokens_per_s']:8.0f} tok/s  "
+                f"{s['step_s'] * 1000:7.1f} ms/step  real {s['real_frac']:.3f}  "
+                f"rss {s['peak_rss_mb']:.0f} MB  {result.get('optimizer', '')}",
+                flush=True,
+            )
+
+    base = "trl" if "trl" in first else args.runs[0]
+    ok = True
+    print(f"\nloss check, first {args.check_steps} steps (vs {base}):")
+    for name, losses in first.items():
+        diff = max(abs(a - b) for a, b in zip(losses, first[base], strict=True))
+        ok &= diff <= args.check_tol
+        print(f"  {name:>7}: {' '.join(f'{x:.6f}' for x in losses)}  max|diff| {diff:.2e}")
+
+    print(f"\n{'run':>7} {'tok/s':>9} {'ms/step':>9} {'real frac':>9} {'peak RSS MB':>11} "
+          f"{'tok/s vs ' + base:>14} {'RSS vs ' + base:>11}")  # fmt: skip
+    med = {
+        name: {k: statistics.median(s[k] for s in rows) for k in rows[0]}
+        for name, rows in summaries.items()
+    }
+    for name, m in med.items():
+        print(
+            f"{name:>7} {m['tokens_per_s']:9.0f} {m['step_s'] * 1000:9.1f} {m['real_frac']:9.3f} "
+            f"{m['peak_rss_mb']:11.0f} {m['tokens_per_s'] / med[base]['tokens_per_s']:14.2f} "
+            f"{m['peak_rss_mb'] / med[base]['peak_rss_mb']:11.2f}"
+        )
+    if not ok:
+        sys.exit(f"losses differ from {base} by more than {args.check_tol}")
+
+
+if __name__ == "__main__":
+    main()
