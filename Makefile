@@ -16,6 +16,9 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	if ! command -v nvidia-smi >/dev/null 2>&1; then $(PY) -m pip install -q torch==2.13.0; fi
 	$(PY) -m pip install -q -e ".[dev]"
+	# RewardBench's own scoring code, for the cross-check test only (its dependency tree is not
+	# needed: the test loads the scoring function from the package's files)
+	$(PY) -m pip install -q --no-deps rewardbench==0.1.4
 	touch $(STAMP)
 
 quickstart: $(STAMP)
