@@ -13,7 +13,7 @@ import torch
 from rmtrain import __version__, hf
 from rmtrain.config import Config, to_config
 from rmtrain.record import RunRecord
-from rmtrain.text import describe
+from rmtrain.text import describe, user_recipe
 
 SIGN = {
     "reward": "higher score = better response (the chosen side of a preference pair)",
@@ -21,7 +21,7 @@ SIGN = {
 }
 
 
-def export_metadata(cfg: Config, record: RunRecord) -> dict[str, Any]:
+def export_metadata(cfg: Config, record: RunRecord, tokenizer: Any) -> dict[str, Any]:
     last_eval, running = record.last_eval, record.score_stats
     return {
         "version": __version__,
@@ -30,6 +30,8 @@ def export_metadata(cfg: Config, record: RunRecord) -> dict[str, Any]:
         "template": cfg.data.template,
         "template_format": describe(cfg.data.template),
         "eos_appended": True,
+        # How plain transformers users build the scored text from a `chat` (run by a test).
+        "text_recipe": user_recipe(tokenizer),
         "max_length": cfg.data.max_length,
         "base_model": cfg.model.name_or_path,
         "base_model_revision": cfg.model.revision,
@@ -67,22 +69,6 @@ def _data_source(cfg: Config) -> str:
         return "rmtrain's generated sample data (PKU-SafeRLHF v1 schema; synthetic, for tests)"
     revision = f"revision `{d.revision}`" if d.revision else "revision not pinned (hub default)"
     return f"`{d.path}` (config `{d.name or 'default'}`, {revision})"
-
-
-def _example(cfg: Config) -> str:
-    if cfg.data.template == "chat":
-        return (
-            'chat = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": '
-            '"Hello!"}]\n'
-            "# the exported chat template is the trained format (EOS included)\n"
-            "text = tok.apply_chat_template(chat, tokenize=False, "
-            'add_generation_prompt=False).replace(tok.bos_token, "")'
-        )
-    return (
-        'text = "BEGINNING OF CONVERSATION: USER: Hi ASSISTANT:Hello!" + tok.eos_token\n'
-        "# same text: tok.apply_chat_template(chat, tokenize=False) with\n"
-        '# chat = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]'
-    )
 
 
 def model_card(cfg: Config, meta: dict[str, Any], record: RunRecord) -> str:
@@ -129,13 +115,15 @@ import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, pipeline
 
 tok = AutoTokenizer.from_pretrained(path)  # pad token is a real <pad>, not EOS
-{_example(cfg)}
+chat = [{{"role": "user", "content": "Hi"}}, {{"role": "assistant", "content": "Hello!"}}]
+# the exported chat template is the trained format (EOS included)
+{meta["text_recipe"]}
 
-model = AutoModelForSequenceClassification.from_pretrained(path, dtype=torch.bfloat16)
-score = model(**tok(text, return_tensors="pt")).logits[0, 0].item()
+model = AutoModelForSequenceClassification.from_pretrained(path, dtype="auto")
+score_direct = model(**tok(text, return_tensors="pt")).logits[0, 0].item()
 
 rm_pipe = pipeline("sentiment-analysis", model=path, tokenizer=tok,
-                   model_kwargs={{"dtype": torch.bfloat16}})
+                   model_kwargs={{"dtype": "auto"}})
 # older transformers: return_all_scores=True instead of top_k=None
 score = rm_pipe([text], top_k=None, function_to_apply="none", batch_size=1)[0][0]["score"]
 ```
@@ -203,7 +191,7 @@ def write_export(
     """The transformers export of a run's weights, with its metadata and model card: what the
     end of training and `rmtrain export` both write."""
     cfg = to_config(record.config)
-    meta = export_metadata(cfg, record)
+    meta = export_metadata(cfg, record, tokenizer)
     hf.export(
         state_dict,
         model_config,

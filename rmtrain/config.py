@@ -59,6 +59,36 @@ class ToyConfig:
 
 
 @dataclass
+class LoRAConfig:
+    """Low-rank adapters (peft) on the backbone; the score head is always fully trained."""
+
+    enabled: bool = False
+    """Train LoRA adapters instead of every weight."""
+    r: int = 16
+    """Adapter rank."""
+    alpha: int = 32
+    """Scaling numerator: adapters are scaled by alpha / r."""
+    dropout: float = 0.0
+    """Dropout on the adapter input."""
+    target_modules: list[str] = field(
+        default_factory=lambda: [
+            "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"
+        ]
+    )  # fmt: skip
+    """Linear layers that get adapters."""
+    save_adapter: bool = False
+    """Also write the adapter alone (peft format) to <export>/adapter."""
+
+    def __post_init__(self) -> None:
+        if self.r < 1 or self.alpha <= 0:
+            raise ConfigError("model.lora.r must be >= 1 and model.lora.alpha > 0")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError("model.lora.dropout must be in [0, 1)")
+        if not self.target_modules:
+            raise ConfigError("model.lora.target_modules must name at least one module")
+
+
+@dataclass
 class ModelConfig:
     """The backbone the score model is built on."""
 
@@ -77,6 +107,8 @@ class ModelConfig:
     """Recompute activations in the backward pass (less memory, ~30% more compute)."""
     attn_implementation: str = "sdpa"
     """Attention kernel passed to transformers ("sdpa", "eager", "flash_attention_2")."""
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    """LoRA adapters (off by default: full fine-tuning)."""
 
     def __post_init__(self) -> None:
         _choice("model.padding_side", self.padding_side, ("left", "right"))
@@ -197,7 +229,9 @@ class TrainerConfig:
     lr: float = 1e-4
     """Peak learning rate."""
     weight_decay: float = 0.0
-    """AdamW weight decay."""
+    """AdamW weight decay, on weight matrices only (never biases or norm weights)."""
+    weight_decay_embeddings: bool = False
+    """Also decay the embedding matrix (transformers' Trainer and TRL do not)."""
     adam_beta1: float = 0.9
     """AdamW β1."""
     adam_beta2: float = 0.95

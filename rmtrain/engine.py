@@ -163,6 +163,29 @@ def model_init_context(ds_config: dict[str, Any]) -> Iterator[None]:
         del hf_ds  # transformers keeps only a weak reference
 
 
+def param_groups(
+    model: torch.nn.Module, weight_decay: float, decay_embeddings: bool
+) -> list[dict[str, Any]]:
+    """AdamW groups as transformers' Trainer and TRL make them: weight decay on matrices only;
+    biases and norm weights (1-D) never decay, embeddings only when asked for. Shapes come from
+    `ds_shape` when ZeRO-3 has already partitioned a parameter."""
+    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
+    decay: list[torch.nn.Parameter] = []
+    no_decay: list[torch.nn.Parameter] = []
+    for p in model.parameters():
+        if not p.requires_grad:
+            continue
+        matrix = len(getattr(p, "ds_shape", p.shape)) >= 2
+        if matrix and (decay_embeddings or id(p) not in embeddings):
+            decay.append(p)
+        else:
+            no_decay.append(p)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
 class Engine:
     """A DeepSpeed engine plus the collectives the trainer needs."""
 
@@ -178,9 +201,10 @@ class Engine:
         self.env = env
         self.stage = ds_config["zero_optimization"]["stage"]
         optimizer: torch.optim.Optimizer | None = None
+        groups = param_groups(model, t.weight_decay, t.weight_decay_embeddings)
         if not use_deepspeed_optimizer(cfg):
             optimizer = torch.optim.AdamW(
-                [p for p in model.parameters() if p.requires_grad],
+                groups,
                 lr=t.lr,
                 betas=(t.adam_beta1, t.adam_beta2),
                 eps=t.adam_eps,
@@ -197,6 +221,7 @@ class Engine:
 
         self.ds, _, _, _ = deepspeed.initialize(
             model=model,
+            model_parameters=groups if optimizer is None else None,
             optimizer=optimizer,
             lr_scheduler=schedule,
             config=ds_config,
@@ -261,16 +286,18 @@ class Engine:
 
 
 def consolidate_checkpoint(path: Path) -> dict[str, torch.Tensor]:
-    """Full fp32 weights of a checkpoint of any ZeRO stage and world size, in one process and
-    without an engine (DeepSpeed's zero_to_fp32 merges the ZeRO 1-3 partitions)."""
+    """Full fp32 weights of a checkpoint of any ZeRO stage, precision and world size, in one
+    process and without an engine: DeepSpeed's own zero_to_fp32 merges the ZeRO 1-3 partitions
+    (`zero_pp_rank_*` files, `bf16_zero_pp_rank_*` under bf16); a ZeRO-0 checkpoint holds the
+    whole module in its model-states file."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    if any(path.glob("zero_pp_rank_*optim_states.pt")):
+    if any(path.glob("*zero_pp_rank_*_optim_states.pt")):
         sd = get_fp32_state_dict_from_zero_checkpoint(str(path.parent), tag=path.name)
-    else:  # ZeRO-0: the whole module is in the model-states file
+    else:
         file = path / "mp_rank_00_model_states.pt"
         sd = torch.load(file, map_location="cpu", weights_only=False)["module"]
-    return {k: v.detach().clone().contiguous() for k, v in sd.items()}
+    return {k: v.detach().float().clone().contiguous() for k, v in sd.items()}
 
 
 # -- collectives ------------------------------------------------------------------------------

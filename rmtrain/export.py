@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoTokenizer
 
-from rmtrain import engine
+from rmtrain import engine, hf
 from rmtrain.card import write_export
 from rmtrain.checkpoint import HF_DIR, MARKER, read_marker, record_of, resolve_checkpoint
 from rmtrain.config import to_config
@@ -27,8 +27,11 @@ def export_checkpoint(
     if ckpt is None:
         raise FileNotFoundError(f"{path}: no complete rmtrain checkpoint (looked for {MARKER})")
     record = record_of(read_marker(ckpt))
+    cfg = to_config(record.config)
     state_dict = engine.consolidate_checkpoint(ckpt)
-    if to_config(record.config).trainer.precision == "bf16":  # as the end-of-training export
+    if cfg.model.lora.enabled:
+        state_dict = hf.merge_lora(state_dict, cfg.model.lora)
+    if cfg.trainer.precision == "bf16":  # as the end-of-training export
         state_dict = {k: v.to(torch.bfloat16) for k, v in state_dict.items()}
     model_config = AutoConfig.from_pretrained(ckpt / HF_DIR)
     tokenizer = AutoTokenizer.from_pretrained(ckpt / HF_DIR)

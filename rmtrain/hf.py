@@ -21,7 +21,7 @@ from huggingface_hub import save_torch_state_dict
 from transformers import AutoConfig, AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
 
 from rmtrain import toy
-from rmtrain.config import ConfigError, ModelConfig
+from rmtrain.config import ConfigError, LoRAConfig, ModelConfig
 from rmtrain.model import LlamaScoreModel
 
 PAD_TOKEN = "<pad>"
@@ -87,6 +87,12 @@ def score_model_config(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> 
             cfg.name_or_path,
             revision=cfg.revision,
         )
+    if config.model_type != "llama":
+        raise ConfigError(
+            f"model.name_or_path={cfg.name_or_path}: model_type {config.model_type!r} is not "
+            "supported; rmtrain trains LLaMA-architecture backbones (model_type 'llama', exported "
+            "as LlamaForSequenceClassification)"
+        )
     config.num_labels = 1
     config.pad_token_id = tokenizer.pad_token_id
     config.bos_token_id = tokenizer.bos_token_id
@@ -138,7 +144,59 @@ def build_score_model(
     model.config.pad_token_id = tokenizer.pad_token_id
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.lora.enabled:
+        model = add_lora(model, cfg.lora)
     return model
+
+
+def add_lora(model: LlamaScoreModel, lora: LoRAConfig) -> Any:
+    """peft LoRA adapters on `lora.target_modules`; the score head is trained in full
+    (`modules_to_save`). The result's forward is the score model's."""
+    from peft import LoraConfig, get_peft_model
+
+    peft_config = LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=list(lora.target_modules),
+        modules_to_save=["score"],
+    )
+    if getattr(model, "is_gradient_checkpointing", False):
+        model.enable_input_require_grads()  # frozen embeddings: checkpointed blocks need a grad
+    return get_peft_model(model, peft_config)
+
+
+_PEFT_PREFIX = "base_model.model."
+
+
+def merge_lora(state_dict: dict[str, torch.Tensor], lora: LoRAConfig) -> dict[str, torch.Tensor]:
+    """A peft LoRA score model's full state dict → the plain score model's, adapters merged:
+    W + (alpha / r) · B @ A for every adapted layer, the trained copy of the score head, and
+    peft's prefixes and frozen originals dropped (what peft's merge_and_unload gives)."""
+    scaling = lora.alpha / lora.r
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state_dict.items():
+        name = key.removeprefix(_PEFT_PREFIX)
+        if ".lora_A." in name or ".lora_B." in name or ".original_module." in name:
+            continue
+        if name.endswith(".base_layer.weight"):
+            stem = name.removesuffix(".base_layer.weight")
+            a = state_dict[f"{_PEFT_PREFIX}{stem}.lora_A.default.weight"].float()
+            b = state_dict[f"{_PEFT_PREFIX}{stem}.lora_B.default.weight"].float()
+            merged = value.float() + scaling * (b @ a)
+            out[f"{stem}.weight"] = merged.to(value.dtype)
+        elif name.endswith(".base_layer.bias"):
+            out[name.replace(".base_layer.bias", ".bias")] = value
+        else:
+            out[name.replace(".modules_to_save.default.", ".")] = value
+    return out
+
+
+def save_adapter(peft_model: Any, state_dict: dict[str, torch.Tensor], out_dir: Path) -> Path:
+    """The adapter alone (and the trained score head), in peft's own format, from the full
+    gathered `state_dict` (rank 0 under ZeRO-3, where the module's own tensors are shards)."""
+    peft_model.save_pretrained(out_dir, state_dict=state_dict)
+    return out_dir
 
 
 def export(

@@ -8,14 +8,29 @@ template is decided once, when the tokenizer is loaded for training (:func:`trai
 - ``safe_rlhf``: safe-rlhf's dialogue format, ``BEGINNING OF CONVERSATION: USER: {prompt}
   ASSISTANT:{response}`` + EOS after each assistant turn (:data:`SAFE_RLHF_CHAT_TEMPLATE`);
 - ``chat``: the tokenizer's own chat template, with EOS appended when its rendering of a finished
-  conversation does not already end with EOS.
+  conversation does not already end a turn with EOS.
 
-The score is read at the last token of the rendered text (the EOS). A tokenizer that adds BOS
-itself gets the text without the template's leading BOS string, so BOS is never doubled.
+`tokenizer(text)` gives the ids the model scores, for every tokenizer convention:
+
+- ChatML (SmolLM2, Qwen; no BOS added, pad == EOS): the render untouched, ending
+  `<|im_end|>\n`; read at that final `\n`.
+- Llama-3 (BOS in the template and added by the tokenizer): the render without its leading BOS
+  string; read at `<|eot_id|>`.
+- Llama-2 / sentencepiece (BOS added, no chat template, so `safe_rlhf`):
+  `BEGINNING OF CONVERSATION: USER: {p} ASSISTANT:{r}</s>`; read at `</s>`.
+- rmtrain's tiny tokenizer (Llama-3-like, turns end with `<|end|>`): the render without its
+  leading BOS, then EOS; read at `</s>`.
+
+The template's leading BOS string is removed only when the tokenizer adds BOS itself (otherwise
+it is not a BOS at all: ChatML's `<|im_start|>` opens every turn), so BOS is never doubled or
+dropped. EOS is appended only when the render does not already end with EOS (trailing
+whitespace aside), so it is never doubled. The read-out is the last token, which is never the
+pad token (rmtrain gives every tokenizer a pad distinct from EOS).
 """
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Sequence
 from typing import Any
 
@@ -64,12 +79,29 @@ def trained_template(tokenizer: Any, template: str) -> str:
         )
     if _EOS_SUFFIX in base:
         return base
-    eos = tokenizer.eos_token
     try:
         text = tokenizer.apply_chat_template(_PROBE, tokenize=False, chat_template=base)
     except Exception:
         return base + _EOS_SUFFIX
-    return base if eos and text.endswith(eos) else base + _EOS_SUFFIX
+    return base if ends_turn(tokenizer, text) else base + _EOS_SUFFIX
+
+
+def ends_turn(tokenizer: Any, text: str) -> bool:
+    """Whether `text` already ends with EOS (ChatML's `<|im_end|>\n` counts)."""
+    eos = tokenizer.eos_token
+    return bool(eos) and text.rstrip().endswith(eos)
+
+
+_ADDS_BOS: weakref.WeakKeyDictionary[Any, bool] = weakref.WeakKeyDictionary()
+
+
+def adds_bos(tokenizer: Any) -> bool:
+    """Whether the tokenizer puts BOS in front of a text by itself (Llama-2/3 do, ChatML not)."""
+    if tokenizer not in _ADDS_BOS:
+        bos, ids = tokenizer.bos_token_id, tokenizer("a")["input_ids"]
+        plain = tokenizer("a", add_special_tokens=False)["input_ids"]
+        _ADDS_BOS[tokenizer] = bos is not None and ids[:1] == [bos] and len(ids) > len(plain)
+    return _ADDS_BOS[tokenizer]
 
 
 def use_template(tokenizer: Any, template: str) -> None:
@@ -117,10 +149,22 @@ def render(
     except Exception as exc:  # jinja's raise_exception, a template that rejects the roles
         raise TextError(f"the chat template cannot render this conversation: {exc}") from exc
     bos = tokenizer.bos_token
-    if bos and text.startswith(bos):
-        text = text[len(bos) :]  # the tokenizer adds BOS itself
-    eos = tokenizer.eos_token
-    return text if text.endswith(eos) else text + eos
+    if bos and text.startswith(bos) and adds_bos(tokenizer):
+        text = text[len(bos) :]  # the tokenizer adds it back
+    return text if ends_turn(tokenizer, text) else text + tokenizer.eos_token
+
+
+def user_recipe(tokenizer: Any) -> str:
+    """The Python line that turns `chat` into the scored text with plain transformers, for a
+    tokenizer carrying its trained template: `tokenizer(text)` (or a pipeline) then gives the
+    trained ids. FsfairX's `.replace(tok.bos_token, "")` where the template writes a BOS the
+    tokenizer adds again (Llama-3); the render untouched otherwise (ChatML, safe_rlhf)."""
+    render_call = "tok.apply_chat_template(chat, tokenize=False)"
+    probe = tokenizer.apply_chat_template(_PROBE, tokenize=False)
+    bos = tokenizer.bos_token
+    if bos and probe.startswith(bos) and adds_bos(tokenizer):
+        return f'text = {render_call}.replace(tok.bos_token, "")'
+    return f"text = {render_call}"
 
 
 def format_text(tokenizer: Any, template: str, prompt: str, response: str) -> str:

@@ -124,6 +124,10 @@ def run(dcfg: DictConfig) -> dict[str, float]:
         record.last_eval = trainer.last_eval
         state_dict = eng.full_state_dict()  # a collective: every rank takes part
         if state_dict is not None:
+            if cfg.model.lora.enabled:
+                if cfg.model.lora.save_adapter:
+                    hf.save_adapter(eng.module, state_dict, output_dir / "export_adapter")
+                state_dict = hf.merge_lora(state_dict, cfg.model.lora)
             write_export(record, state_dict, eng.module.config, tokenizer, output_dir / "export")
         engine.barrier()
     eng.close()
@@ -219,8 +223,8 @@ def write_eval_scores(path: Path, samples: list[tuple[list[int], float]], tokeni
     with path.open("w") as f:
         for ids, score in samples:
             decoded = tokenizer.decode(ids, skip_special_tokens=False)
-            if tokenizer.bos_token and ids[:1] == [tokenizer.bos_token_id]:
-                decoded = decoded.removeprefix(tokenizer.bos_token)
+            if ids[:1] == [tokenizer.bos_token_id] and text.adds_bos(tokenizer):
+                decoded = decoded.removeprefix(tokenizer.bos_token)  # tokenizer(text) adds it
             f.write(json.dumps({"input_ids": ids, "text": decoded, "score": score}) + "\n")
 
 

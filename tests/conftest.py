@@ -128,3 +128,14 @@ def train_in_process(
     except SystemExit as exc:
         code = int(exc.code or 0)
     return code, capsys.readouterr().err
+
+
+@pytest.fixture(scope="session")
+def smollm2() -> Path:
+    """The real SmolLM2-135M-Instruct as a local LLaMA directory (built once, cached)."""
+    from realmodel import RealModelUnavailable, smollm2_dir
+
+    try:
+        return smollm2_dir()
+    except RealModelUnavailable as exc:
+        pytest.skip(str(exc))

@@ -25,7 +25,7 @@ from rmtrain.config import to_config
 from rmtrain.model import AutoModelForScore, LlamaScoreModel, ScoreModelOutput
 from rmtrain.record import RunRecord
 from rmtrain.score import Scorer
-from rmtrain.text import render, trained_template
+from rmtrain.text import render, trained_template, use_template
 from rmtrain.toy.tokenizer import build_tiny_tokenizer
 
 HIDDEN = 32
@@ -263,7 +263,9 @@ def test_model_card_covers_the_issue() -> None:
         {"mean": 0.2, "var": 4.0, "count": 10},
         last_eval,
     )
-    meta = export_metadata(cfg, record)
+    tok = build_tiny_tokenizer()
+    use_template(tok, "chat")
+    meta = export_metadata(cfg, record, tok)
     assert meta["score_stats"] == {
         "eval_mean": 0.1, "eval_std": 1.5, "running_mean": 0.2, "running_std": 2.0,
         "running_updates": 10,

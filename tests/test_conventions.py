@@ -31,8 +31,6 @@ from realmodel import (
     PAD_TOKEN,
     UNK_ID,
     UNK_TOKEN,
-    RealModelUnavailable,
-    smollm2_dir,
 )
 from realmodel import (
     VOCAB_SIZE as SMOLLM2_VOCAB,
@@ -162,14 +160,6 @@ def test_tiny_llama_uses_the_tokenizer(name: str, tmp_path: Path) -> None:
     with torch.no_grad():
         logits = model(**batch).logits
     assert logits.shape[-1] == VOCAB_SIZE and torch.isfinite(logits).all()
-
-
-@pytest.fixture(scope="session")
-def smollm2() -> Path:
-    try:
-        return smollm2_dir()
-    except RealModelUnavailable as exc:
-        pytest.skip(str(exc))
 
 
 @pytest.mark.slow

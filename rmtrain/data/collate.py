@@ -8,12 +8,21 @@ from typing import Any
 
 import torch
 
+# The closing tail kept on truncation: EOS and at most this many tokens after it (ChatML's newline).
+_MAX_TAIL = 4
+
 
 def truncate_keep_eos(ids: list[int], max_length: int, eos_id: int) -> tuple[list[int], bool]:
-    """Cut from the right keeping EOS last, so the read-out token survives truncation."""
+    """Cut from the right keeping the closing tail (the last EOS and what follows it, e.g.
+    ChatML's `<|im_end|>\n`), so the read-out token survives truncation unchanged."""
     if len(ids) <= max_length:
         return ids, False
-    return [*ids[: max_length - 1], eos_id], True
+    tail = [eos_id]
+    for k in range(1, min(_MAX_TAIL + 1, len(ids)) + 1):
+        if ids[-k] == eos_id:
+            tail = ids[-k:]
+            break
+    return [*ids[: max_length - len(tail)], *tail], True
 
 
 def pad_sequences(
