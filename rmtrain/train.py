@@ -62,6 +62,10 @@ def _hydra_main(dcfg: DictConfig) -> None:
 
 
 def run(dcfg: DictConfig) -> dict[str, float]:
+    # Resolve ${now:} here, from Hydra's own config (its resolver cache is what named the run
+    # directory): to_config merges into a new config, where ${now:} would be read again and can
+    # land in the next second.
+    dcfg.output_dir = str(dcfg.output_dir)
     cfg = to_config(dcfg)  # every check runs here, before any process group exists
     env = engine.init_distributed(cfg.deepspeed.timeout_s)
     output_dir = agree_output_dir(cfg.output_dir, env)
