@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import tempfile
@@ -41,6 +42,10 @@ class ScoreInputError(ValueError):
     """A bad input row: '<file>: line <n>: field '<name>': <problem>'."""
 
 
+class NonFiniteScores(ValueError):
+    """The model produced NaN/inf: never written as (invalid) JSON."""
+
+
 # --------------------------------------------------------------------------- scorer
 
 
@@ -51,7 +56,8 @@ class Scorer:
     ["template"]``; safe_rlhf for checkpoints without rmtrain metadata), "safe_rlhf" or "chat";
     used by `text` / `messages_text`. ``normalize``: False (raw scores, the default), True or
     "eval" (eval-set mean/std recorded in the export) or "running" (training EMA).
-    ``max_length``: None (no cut) or cut longer texts from the right keeping EOS, like training.
+    ``max_length``: None (no cut) or cut longer texts from the right keeping EOS, like training
+    (the CLI's default is the export's trained max_length).
     """
 
     def __init__(
@@ -101,7 +107,10 @@ class Scorer:
         self.pad_id = self.tokenizer.pad_token_id
         if self.pad_id is None:
             self.pad_id = self.tokenizer.eos_token_id  # safe: the read-out uses the mask
-        self.truncated = 0
+        self.truncated = 0  # texts cut to max_length
+        # The model's context; longer texts are scored, counted and warned about.
+        self.context = int(getattr(self.model.config, "max_position_embeddings", 0) or 10**9)
+        self.over_context = 0
 
     def text(self, prompt: str, response: str) -> str:
         return self.messages_text(exchange(prompt, response))
@@ -117,6 +126,7 @@ class Scorer:
             if self.max_length is not None:
                 ids, cut = truncate_keep_eos(ids, self.max_length, eos)
                 self.truncated += cut
+            self.over_context += len(ids) > self.context
             out.append(ids)
         return out
 
@@ -158,15 +168,47 @@ def _text_problem(value: Any) -> str | None:
     return None
 
 
+def side_conversation(row: dict[str, Any], side: str) -> list[dict[str, str]] | str:
+    """The conversation a pair row scores on one side, or a problem (str).
+
+    `side` holds a response string (with a `prompt` string), or a message list: a whole
+    conversation starting with the user (UltraFeedback-binarized; TRL implicit prompt), or the
+    assistant turn(s) after a `prompt` (a string, or a message list: TRL explicit prompt).
+    """
+    value, prompt = row.get(side), row.get("prompt")
+    if isinstance(value, str):
+        if not isinstance(prompt, str):
+            return f"a response string needs a prompt string, got prompt={prompt!r:.40}"
+        return exchange(prompt, value)
+    if not isinstance(value, list) or not value:
+        return f"expected a string or a list of messages, got {value!r:.40}"
+    if isinstance(value[0], dict) and value[0].get("role") in ("user", "system"):
+        messages = value
+    elif isinstance(prompt, str):
+        messages = [{"role": "user", "content": prompt}, *value]
+    elif isinstance(prompt, list):
+        messages = [*prompt, *value]
+    else:
+        return "a list of assistant messages needs a prompt (a string or a message list)"
+    return check_messages(messages) or messages
+
+
 def _row_kind(row: dict[str, Any]) -> tuple[str, tuple[str, str] | None]:
-    """('single' | 'messages' | 'pair', (field, problem) or None)."""
+    """('single' | 'messages' | 'pair', (field, problem) or None). A row with `chosen` or
+    `rejected` is always a pair, whatever else it holds (UltraFeedback rows carry `messages`)."""
+    if "chosen" in row or "rejected" in row:
+        for side in ("chosen", "rejected"):
+            if side not in row:
+                return "pair", (side, "missing (a pair row needs chosen and rejected)")
+            found = side_conversation(row, side)
+            if isinstance(found, str):
+                return "pair", (side, found)
+        return "pair", None
     if "messages" in row:
         problem = check_messages(row["messages"])
         return "messages", ("messages", problem) if problem else None
     fields: tuple[str, ...]
-    if "chosen" in row or "rejected" in row:
-        kind, fields = "pair", ("prompt", "chosen", "rejected")
-    elif "response" in row:
+    if "response" in row:
         kind, fields = "single", ("prompt", "response")
     else:
         return "single", (
@@ -223,23 +265,33 @@ def score_rows(
     texts: list[str] = []
     slots: list[tuple[int, str]] = []  # (row index, output field) of each text
     for i, (line, row, kind) in enumerate(rows):
-        if kind == "messages":
-            jobs = [("score", "messages", None)]
-        elif kind == "single":
-            jobs = [("score", "response", row["response"])]
+        jobs: list[tuple[str, str]]  # (output field, input field)
+        if kind == "pair":
+            jobs = [(f"{side}_score", side) for side in ("chosen", "rejected")]
         else:
-            jobs = [(f"{side}_score", side, row[side]) for side in ("chosen", "rejected")]
-        for field, src, response in jobs:
+            jobs = [("score", "messages" if kind == "messages" else "response")]
+        for field, src in jobs:
             try:
-                if response is None:
+                if kind == "messages":
                     text = scorer.messages_text(row["messages"])
+                elif kind == "pair":
+                    conversation = side_conversation(row, src)
+                    assert not isinstance(conversation, str)  # checked by read_rows
+                    text = scorer.messages_text(conversation)
                 else:
-                    text = scorer.text(row["prompt"], response)
+                    text = scorer.text(row["prompt"], row["response"])
             except ValueError as exc:
                 raise ScoreInputError(_where(path, line, src, str(exc))) from exc
             texts.append(text)
             slots.append((i, field))
     scores = scorer.score_texts(texts, progress=progress)
+    bad = [slots[k] for k, v in enumerate(scores) if not math.isfinite(v)]
+    if bad:
+        i, field = bad[0]
+        raise NonFiniteScores(
+            f"{path}: {len(bad)} non-finite score(s), the first at line {rows[i][0]} "
+            f"({field}): the model's weights are broken (a diverged run?); nothing was written"
+        )
     out = [dict(row) for _, row, _ in rows]
     for (i, field), value in zip(slots, scores, strict=True):
         out[i][field] = value
@@ -266,6 +318,8 @@ def score_rows(
         "template": scorer.template,
         "normalized": scorer.normalize,
         "truncated": scorer.truncated,
+        "max_length": scorer.max_length,
+        "over_context": scorer.over_context,
         "batch_size": scorer.batch_size,
         "padding_side": scorer.padding_side,
     }
@@ -276,6 +330,9 @@ def write_atomic(path: Path, write: Callable[[Any], None]) -> None:
     """Write through a temporary file in the same directory, then rename it into place."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # as open() would create it (mkstemp makes it 0600)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             write(f)
@@ -315,7 +372,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--max-length",
         type=int,
         default=None,
-        help="cut longer texts from the right keeping EOS (default: no cut)",
+        help="cut longer texts from the right keeping EOS, as in training (default: the "
+        "export's trained max_length; 0: no cut)",
     )
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument(
@@ -326,8 +384,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.batch_size < 1:
         p.error("--batch-size must be >= 1")
-    if args.max_length is not None and args.max_length < 2:
-        p.error("--max-length must be >= 2")
+    if args.max_length is not None and (args.max_length < 0 or args.max_length == 1):
+        p.error("--max-length must be >= 2 (or 0: no cut)")
     return args
 
 
@@ -341,8 +399,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         device=args.device,
         dtype=None if args.dtype == "auto" else DTYPES[args.dtype],
         template=args.template,
-        max_length=args.max_length,
     )
+    # Cut as in training unless told otherwise: the export records its trained max_length.
+    trained = scorer.meta.get("max_length")
+    scorer.max_length = trained if args.max_length is None else (args.max_length or None)
     out, summary = score_rows(scorer, rows, args.input, progress=not args.no_progress)
     summary.update(model=str(args.model), input=str(args.input), output=str(args.output))
 
@@ -360,7 +420,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     try:
         summary = run(args)
-    except ScoreInputError as err:
+    except (ScoreInputError, NonFiniteScores) as err:
         print(f"rmtrain score: error: {err}", file=sys.stderr, flush=True)
         sys.exit(2)
     except (OSError, ValueError) as err:
@@ -375,6 +435,18 @@ def main(argv: Sequence[str] | None = None) -> None:
     if summary["normalized"]:
         line += f"; normalised with {summary['normalized']} stats"
     print(line, flush=True)
+    if summary["truncated"]:
+        print(
+            f"rmtrain score: warning: {summary['truncated']} text(s) longer than max_length="
+            f"{summary['max_length']} were cut from the right (EOS kept), as in training",
+            file=sys.stderr,
+        )
+    if summary["over_context"]:
+        print(
+            f"rmtrain score: warning: {summary['over_context']} text(s) are longer than the "
+            "model's context (max_position_embeddings); their scores are unreliable",
+            file=sys.stderr,
+        )
 
 
 if __name__ == "__main__":

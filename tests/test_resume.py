@@ -57,13 +57,13 @@ def reference_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return run_dir
 
 
-@pytest.mark.slow
-def test_sigkill_then_resume_matches_uninterrupted_run(reference_run: Path, tmp_path: Path) -> None:
-    run_dir = tmp_path / "killed"
+def kill_then_resume(overrides: list[str], run_dir: Path, kill_from: int, steps: int) -> None:
+    """Run on 2 ranks, SIGKILL launcher and ranks once step `kill_from` is logged, resume with
+    trainer.resume=auto to the end."""
     env = cli_env()
     env.update(NPROC="2")
     proc = subprocess.Popen(
-        ["bash", str(REPO / "launch" / "cpu.sh"), *ZERO3_2RANKS, f"output_dir={run_dir}"],
+        ["bash", str(REPO / "launch" / "cpu.sh"), *overrides, f"output_dir={run_dir}"],
         env=env,
         cwd=REPO,
         stdout=subprocess.DEVNULL,
@@ -73,7 +73,9 @@ def test_sigkill_then_resume_matches_uninterrupted_run(reference_run: Path, tmp_
     try:
         deadline = time.time() + 300
         while time.time() < deadline and proc.poll() is None:
-            if (run_dir / "metrics.jsonl").exists() and max(losses(run_dir), default=0) >= 10:
+            if (run_dir / "metrics.jsonl").exists() and max(
+                losses(run_dir), default=0
+            ) >= kill_from:
                 break
             time.sleep(0.2)
         assert proc.poll() is None, "the run ended before it could be killed"
@@ -82,19 +84,39 @@ def test_sigkill_then_resume_matches_uninterrupted_run(reference_run: Path, tmp_
     finally:
         subprocess.run(["pkill", "-9", "-f", f"output_dir={run_dir}"], check=False)
     killed_at = max(losses(run_dir))
-    assert 10 <= killed_at < 16
+    assert kill_from <= killed_at < steps
     assert not (run_dir / "export").exists()
     ckpts = sorted(p.name for p in (run_dir / "checkpoints").glob(f"step_*/{MARKER}"))
-    assert ckpts  # at least step 8 completed before the kill
+    assert ckpts  # at least one checkpoint completed before the kill
 
-    proc2 = run_train([*ZERO3_2RANKS, f"output_dir={run_dir}", "trainer.resume=auto"], nproc=2)
+    proc2 = run_train([*overrides, f"output_dir={run_dir}", "trainer.resume=auto"], nproc=2)
     check_ok(proc2)
     assert "resumed from" in proc2.stdout
-    ref, got = losses(reference_run), losses(run_dir)
-    assert sorted(got) == list(range(1, 17))
-    for step in range(1, 17):
+
+
+def assert_same_run(reference: Path, resumed: Path, steps: int) -> None:
+    ref, got = losses(reference), losses(resumed)
+    assert sorted(got) == list(range(1, steps + 1))
+    for step in range(1, steps + 1):
         assert got[step] == pytest.approx(ref[step], rel=1e-6, abs=1e-9), step
-    assert_same_weights(reference_run / "export", run_dir / "export")
+    assert_same_weights(reference / "export", resumed / "export")
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_matches_uninterrupted_run(reference_run: Path, tmp_path: Path) -> None:
+    run_dir = tmp_path / "killed"
+    kill_then_resume(ZERO3_2RANKS, run_dir, kill_from=10, steps=16)
+    assert_same_run(reference_run, run_dir, 16)
+
+
+@pytest.mark.slow
+def test_lora_sigkill_then_resume_matches_uninterrupted_run(tmp_path: Path) -> None:
+    lora = [*ZERO3_2RANKS, "model.lora.enabled=true", "model.lora.r=8", "model.lora.alpha=16"]
+    reference = tmp_path / "reference"
+    check_ok(run_train([*lora, f"output_dir={reference}"], nproc=2))
+    run_dir = tmp_path / "killed"
+    kill_then_resume(lora, run_dir, kill_from=10, steps=16)
+    assert_same_run(reference, run_dir, 16)
 
 
 @pytest.mark.slow

@@ -170,3 +170,82 @@ def test_max_length_cuts_from_the_right_keeping_eos(export) -> None:
         want = plain(input_ids=torch.tensor([cut])).logits[0, 0].item()
     assert score == pytest.approx(want, abs=1e-5)
     assert Scorer(export).score_texts([text])[0] != pytest.approx(want, abs=1e-5)
+
+
+# --------------------------------------------------------------------------- issue 12 fixes
+
+
+def _main(args: list[str]) -> int:
+    try:
+        main(args)
+    except SystemExit as exc:
+        return int(exc.code or 0)
+    return 0
+
+
+def test_chosen_rejected_rows_are_always_pairs(export, tmp_path) -> None:
+    user = {"role": "user", "content": "How do I cook rice?"}
+    good = {"role": "assistant", "content": "Rinse it, then simmer it covered."}
+    bad = {"role": "assistant", "content": "No."}
+    rows = [
+        # UltraFeedback-binarized: whole conversations, plus `messages` (= chosen)
+        {"prompt": user["content"], "chosen": [user, good], "rejected": [user, bad],
+         "messages": [user, good], "score_chosen": 8.0, "score_rejected": 2.0},
+        # TRL conversational, explicit prompt
+        {"prompt": [user], "chosen": [good], "rejected": [bad]},
+        {"prompt": user["content"], "chosen": good["content"], "rejected": bad["content"]},
+    ]  # fmt: skip
+    src, out = write_jsonl(tmp_path / "in.jsonl", rows), tmp_path / "out.jsonl"
+    assert _main(["--model", str(export), "--input", str(src), "--output", str(out)]) == 0
+    scored = read_jsonl(out)
+    assert all("chosen_score" in r and "rejected_score" in r and "score" not in r for r in scored)
+    # the three layouts are the same pair
+    for r in scored[1:]:
+        assert r["chosen_score"] == pytest.approx(scored[0]["chosen_score"], abs=1e-6)
+        assert r["rejected_score"] == pytest.approx(scored[0]["rejected_score"], abs=1e-6)
+
+
+def test_output_mode_follows_the_umask(export, input_file, tmp_path) -> None:
+    out = tmp_path / "out.jsonl"
+    old = os.umask(0o027)
+    try:
+        assert _main(["--model", str(export), "--input", str(input_file), "--output", str(out),
+                      "--no-progress"]) == 0  # fmt: skip
+    finally:
+        os.umask(old)
+    assert out.stat().st_mode & 0o777 == 0o640
+
+
+def test_trained_max_length_is_the_default_and_long_texts_warn(tmp_path, capsys) -> None:
+    export = make_export(tmp_path / "short", meta={"max_length": 12}, max_position_embeddings=16)
+    src = write_jsonl(tmp_path / "in.jsonl", ROWS[:2])
+    out = tmp_path / "out.jsonl"
+    summary = tmp_path / "summary.json"
+    assert _main(["--model", str(export), "--input", str(src), "--output", str(out),
+                  "--summary", str(summary), "--no-progress"]) == 0  # fmt: skip
+    got = json.loads(summary.read_text())
+    assert got["max_length"] == 12 and got["truncated"] == 2 and got["over_context"] == 0
+    err = capsys.readouterr().err
+    assert "2 text(s) longer than max_length=12 were cut" in err
+    # without the cut, both are longer than the model's 16 positions: counted and warned
+    args = ["--model", str(export), "--input", str(src), "--output", str(out)]
+    assert _main([*args, "--summary", str(summary), "--max-length", "0", "--no-progress"]) == 0
+    got = json.loads(summary.read_text())
+    assert got["max_length"] is None and got["truncated"] == 0 and got["over_context"] == 2
+    assert "longer than the model's context" in capsys.readouterr().err
+
+
+def test_non_finite_scores_are_an_error_not_invalid_json(tmp_path, capsys) -> None:
+    from safetensors.torch import load_file, save_file
+
+    export = make_export(tmp_path / "nan")
+    for shard in export.glob("*.safetensors"):
+        weights = load_file(shard)
+        save_file({k: v.fill_(float("nan")) if k == "score.weight" else v
+                   for k, v in weights.items()}, shard, metadata={"format": "pt"})  # fmt: skip
+    src, out = write_jsonl(tmp_path / "in.jsonl", ROWS[:1]), tmp_path / "out.jsonl"
+    assert _main(["--model", str(export), "--input", str(src), "--output", str(out),
+                  "--no-progress"]) == 2  # fmt: skip
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "non-finite score(s), the first at line 1" in err and "nothing was written" in err
+    assert not out.exists()
