@@ -13,6 +13,10 @@ COMMANDS = {
     "train": ("rmtrain.train", "train and export a reward model (args: Hydra overrides)"),
     "export": ("rmtrain.export", "write the transformers export of a saved run or checkpoint"),
     "score": ("rmtrain.score", "score a JSONL file with an exported model"),
+    "eval": (
+        "rmtrain.eval.run",
+        "evaluate a model on preference files (RewardBench, RM-Bench, PKU)",
+    ),
     "config": ("rmtrain.cli", "list every config key with its type, default and help"),
     "sample-data": ("rmtrain.toy.sample_data", "write rmtrain's generated sample dataset"),
 }
