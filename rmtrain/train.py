@@ -71,6 +71,8 @@ def run(dcfg: DictConfig) -> dict[str, float]:
     arch = hf.architecture(hf.score_model_config(cfg.model, tokenizer), tokenizer)
     resume_from = check_resume(cfg, output_dir, arch, env)
     data, record = load_data(cfg, tokenizer, config_dict)
+    if resume_from is not None:
+        check_same_data(read_marker(resume_from), record, resume_from)
     train_pairs = data.train
     if env.is_main:
         for line in summary(record.data):
@@ -113,7 +115,6 @@ def run(dcfg: DictConfig) -> dict[str, float]:
     )
     trainer.checkpointer = checkpointer
     if resume_from is not None:
-        check_same_data(read_marker(resume_from), record, resume_from)
         step = checkpointer.load(resume_from)
         print(f"resumed from {resume_from} at step {step}", flush=True)
     elif env.is_main:

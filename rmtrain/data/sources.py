@@ -47,15 +47,19 @@ def _open_lines(path: Path) -> Iterable[bytes]:
         yield from f
 
 
-def scan_jsonl(path: Path, cfg: DataConfig | None = None) -> str | None:
+def scan_jsonl(path: Path, cfg: DataConfig | None = None, limit: int | None = None) -> str | None:
     """Validate a JSONL file line by line: the message for its first bad line, or None.
 
-    Used when ``datasets`` cannot load the file (invalid JSON, ...) or a column's inferred type
-    would blame the wrong row; reads the raw values, so the line number is exact.
+    Every local JSONL file is checked this way (its first `limit` rows): ``datasets`` infers
+    one type per column and may coerce a cell ("0" in an int column, ...) instead of failing,
+    or fail on the file as a whole; the raw values give the exact line and the cell as written.
     """
     schema: Schema | None = None
     fields: tuple[str, ...] = ()
+    seen = 0
     for n, raw in enumerate(_open_lines(path), 1):
+        if limit is not None and seen >= limit:
+            break
         try:
             line = raw.decode("utf-8")
         except UnicodeDecodeError as e:
@@ -68,6 +72,7 @@ def scan_jsonl(path: Path, cfg: DataConfig | None = None) -> str | None:
             return where(str(path), n, "<json>", f"invalid JSON: {e.msg} (column {e.colno})")
         if not isinstance(row, dict):
             return where(str(path), n, "<json>", f"expected a JSON object, got {type_name(row)}")
+        seen += 1
         if schema is None:
             schema = resolve(cfg.format if cfg else "auto", str(path), row, row)
             fields = schema.fields(row, cfg)
@@ -192,6 +197,11 @@ def _load_pieces(cfg: DataConfig, split: str) -> list[_Piece]:
 
 
 def _validate(piece: _Piece, cfg: DataConfig) -> None:
+    if piece.file is not None:  # the raw lines give the exact line and the raw value
+        message = scan_jsonl(piece.file, cfg, limit=len(piece.ds))
+        if message:
+            raise DataError(message)
+        return
     ds = piece.ds.with_format(None)
     schema = resolve(cfg.format, piece.label, ds.column_names, ds[0] if len(ds) else None)
     fields = schema.fields(ds.column_names, cfg)
@@ -200,10 +210,6 @@ def _validate(piece: _Piece, cfg: DataConfig) -> None:
     found = schema.first_problem(columns, fields, len(ds))
     if found is None:
         return
-    if piece.file is not None:  # the raw lines give the exact line and the raw value
-        message = scan_jsonl(piece.file, cfg)
-        if message:
-            raise DataError(message)
     index, name, problem = found
     raise DataError(where(piece.label, index + 1, name, problem))
 
