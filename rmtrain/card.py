@@ -161,8 +161,7 @@ def model_card(cfg: Config, meta: dict[str, Any], record: RunRecord) -> str:
     metrics = "\n".join(f"| {k} | {_fmt(v)} |" for k, v in sorted(last_eval.items()))
     metrics = metrics or "| (no evaluation ran) | |"
     data_rows = "\n".join(
-        f"| {k} | {train_v} | {eval_v} |"
-        for (k, train_v), eval_v in zip(train.items(), evaluation.values(), strict=True)
+        f"| {k} | {train.get(k, '')} | {evaluation.get(k, '')} |" for k in {**train, **evaluation}
     )
     ss = meta.get("score_stats", {})
     accuracy_rule = (
@@ -249,7 +248,7 @@ the training batches. Raw scores are the default everywhere; opt in with
 `identical_dropped`: chosen and rejected identical after tokenization;
 `inconsistent_skipped` / `severity_filtered`: rows left out by the data settings;
 `duplicates`: pairs repeating an earlier pair of the split; `in_train`: eval pairs that are also
-training pairs.
+training pairs; `mixed`: training pairs after the mixture weights.
 
 {_sources_table(cfg, record)}
 ## Evaluation

@@ -9,6 +9,7 @@ them must rank the held-out rows of every format.
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -346,10 +347,7 @@ def _eval_texts(fmt: str, row: Row) -> list[tuple[list[dict[str, str]], list[dic
 
 def _accuracy(export: Path, fmt: str, eval_file: Path) -> float:
     """Held-out accuracy through plain transformers (the chat template the export carries)."""
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(export)
-    model = AutoModelForSequenceClassification.from_pretrained(export).eval()
+    tok, model = _load_export(export)
 
     def score(conv: list[dict[str, str]]) -> float:
         text = tok.apply_chat_template(conv, tokenize=False).removeprefix(tok.bos_token)
@@ -362,6 +360,14 @@ def _accuracy(export: Path, fmt: str, eval_file: Path) -> float:
     lines = eval_file.read_text().splitlines()
     pairs = [p for line in lines for p in _eval_texts(fmt, json.loads(line))]
     return sum(score(c) > score(j) for c, j in pairs) / len(pairs)
+
+
+@functools.cache
+def _load_export(export: Path) -> tuple[Any, Any]:
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(export)
+    return tok, AutoModelForSequenceClassification.from_pretrained(export).eval()
 
 
 @pytest.fixture(scope="module")
