@@ -531,3 +531,14 @@ def test_real_files_as_eval_sets(tok: Any) -> None:
     assert set(data.eval_sets) == {"judgebench", "rmbench_safety_441"}
     assert data.counts["eval/judgebench"]["rows"] == 620
     assert data.counts["eval/rmbench_safety_441"]["rows"] == 441
+
+
+def test_readme_format_table_rows_are_detected_as_their_format() -> None:
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    found = {}
+    for line in readme.splitlines():
+        if line.startswith("| `") and line.endswith("}` |") and " | `{" in line:
+            name = line.split("`")[1]
+            example = json.loads(line.rsplit(" | `", 1)[1].removesuffix("` |"))
+            found[name] = resolve("auto", "README", example, example).name
+    assert found == {f: f for f in FORMATS[1:]}
