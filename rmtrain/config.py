@@ -16,6 +16,7 @@ import dataclasses
 import inspect
 import itertools
 import re
+import typing
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -454,4 +455,7 @@ def field_help(cls: type = Config, prefix: str = "") -> list[tuple[str, str, str
         else:
             default = repr(f.default_factory())  # type: ignore[misc,operator]
         rows.append((key, str(kind), default, docs.get(f.name, "")))
+        item = typing.get_args(typing.get_type_hints(cls).get(f.name))
+        if len(item) == 1 and dataclasses.is_dataclass(item[0]):  # a list of sources
+            rows.extend(field_help(item[0], f"{key}[]."))  # type: ignore[arg-type]
     return rows

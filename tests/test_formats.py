@@ -542,3 +542,23 @@ def test_readme_format_table_rows_are_detected_as_their_format() -> None:
             example = json.loads(line.rsplit(" | `", 1)[1].removesuffix("` |"))
             found[name] = resolve("auto", "README", example, example).name
     assert found == {f: f for f in FORMATS[1:]}
+
+
+def test_single_files_json_parquet_xz_read_alike(tmp_path: Path, tok: Any) -> None:
+    import lzma
+
+    rows = [to_conversational_implicit(r) for r in generate_rows(10, 4)]
+    jsonl = write_jsonl(tmp_path / "d.jsonl", rows)
+    (tmp_path / "d.json").write_text(json.dumps(rows))
+    datasets.Dataset.from_list(rows).to_parquet(tmp_path / "d.parquet")
+    (tmp_path / "d.jsonl.xz").write_bytes(lzma.compress(jsonl.read_bytes()))
+    want = _pairs(jsonl, tok)["chosen_input_ids"]
+    for name in ("d.json", "d.parquet", "d.jsonl.xz"):
+        assert _pairs(tmp_path / name, tok)["chosen_input_ids"] == want, name
+    (tmp_path / "d.csv").write_text("prompt,chosen,rejected\n")
+    with pytest.raises(DataError, match=r"d.csv: unsupported file type \(data files: .jsonl"):
+        _pairs(tmp_path / "d.csv", tok)
+    rows[4]["rejected"] = "plain text"
+    write_jsonl(tmp_path / "bad.jsonl", rows)
+    with pytest.raises(DataError, match=r"bad.jsonl: row 5: field 'rejected': expected a non-"):
+        _pairs(tmp_path / "bad.jsonl", tok)
