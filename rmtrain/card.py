@@ -73,6 +73,8 @@ def _data_source(cfg: Config) -> str:
         return f"a weighted mixture of {len(d.mixture)} sources (table below)"
     if d.path == "sample":
         return "rmtrain's generated sample data (PKU-SafeRLHF v1 schema; synthetic, for tests)"
+    if Path(d.path).expanduser().is_file():
+        return f"`{d.path}` (a local file)"
     revision = f"revision `{d.revision}`" if d.revision else "revision not pinned (hub default)"
     return f"`{d.path}` (config `{d.name or 'default'}`, {revision})"
 
