@@ -349,17 +349,20 @@ def _accuracy(export: Path, fmt: str, eval_file: Path) -> float:
     """Held-out accuracy through plain transformers (the chat template the export carries)."""
     tok, model = _load_export(export)
 
-    def score(conv: list[dict[str, str]]) -> float:
+    def ids(conv: list[dict[str, str]]) -> list[int]:
         text = tok.apply_chat_template(conv, tokenize=False).removeprefix(tok.bos_token)
-        ids = tok(text)["input_ids"]
-        if len(ids) > 96:  # the documented truncation: cut from the right, keep EOS last
-            ids = [*ids[:95], tok.eos_token_id]
-        with torch.no_grad():
-            return float(model(input_ids=torch.tensor([ids])).logits[0, 0])
+        seq = tok(text)["input_ids"]
+        # the documented truncation: cut from the right, keep EOS last
+        return seq if len(seq) <= 96 else [*seq[:95], tok.eos_token_id]
 
     lines = eval_file.read_text().splitlines()
     pairs = [p for line in lines for p in _eval_texts(fmt, json.loads(line))]
-    return sum(score(c) > score(j) for c, j in pairs) / len(pairs)
+    batch = tok.pad({"input_ids": [ids(c) for c, _ in pairs] + [ids(j) for _, j in pairs]},
+                    return_tensors="pt")  # fmt: skip
+    with torch.no_grad():
+        scores = model(**batch).logits[:, 0]
+    chosen, rejected = scores[: len(pairs)], scores[len(pairs) :]
+    return float((chosen > rejected).float().mean())
 
 
 @functools.cache
