@@ -41,6 +41,12 @@ def export_metadata(cfg: Config, record: RunRecord, tokenizer: Any) -> dict[str,
             "name": cfg.data.name,
             "revision": cfg.data.revision,
             "preference": cfg.data.preference,
+            "format": cfg.data.format,
+            "mixture": [
+                {"label": s.display(), "path": s.path, "format": s.format, "weight": s.weight}
+                for s in cfg.data.mixture
+            ],
+            "held_out": record.held_out,
         },
         # Normalisation statistics; never applied unless a scorer is asked to normalise.
         # eval_*: over chosen and rejected end scores of the final evaluation;
@@ -65,10 +71,75 @@ def _fmt(value: Any) -> str:
 
 def _data_source(cfg: Config) -> str:
     d = cfg.data
+    if d.mixture:
+        return f"a weighted mixture of {len(d.mixture)} sources (table below)"
     if d.path == "sample":
         return "rmtrain's generated sample data (PKU-SafeRLHF v1 schema; synthetic, for tests)"
+    if Path(d.path).expanduser().is_file():
+        return f"`{d.path}` (a local file)"
     revision = f"revision `{d.revision}`" if d.revision else "revision not pinned (hub default)"
     return f"`{d.path}` (config `{d.name or 'default'}`, {revision})"
+
+
+def _held_out(cfg: Config, record: RunRecord) -> str:
+    """Which rows the main eval set is, in words."""
+    held = record.held_out
+    if held.get("method") == "eval_fraction":
+        rows = held.get("rows", {})
+        files = "; ".join(
+            f"`{src}`: {len(r)} rows ({_ranges(r)})" for src, r in sorted(rows.items())
+        )
+        return (
+            f"{held['eval_fraction']:.0%} of the training rows held out with split_seed "
+            f"{held['split_seed']} (row = 1-based line of a JSONL file): {files}"
+        )
+    if held.get("method") == "eval_path":
+        return f"`{held['path']}`"
+    return f"split `{cfg.data.eval_split}` of the data source"
+
+
+def _ranges(rows: list[int], limit: int = 40) -> str:
+    """1-3,7,9-10 style, cut after `limit` ranges (the full list is in config.json)."""
+    out: list[list[int]] = []
+    for r in sorted(rows):
+        if out and out[-1][1] == r - 1:
+            out[-1][1] = r
+        else:
+            out.append([r, r])
+    text = ",".join(f"{a}" if a == b else f"{a}-{b}" for a, b in out[:limit])
+    return text + (", ..." if len(out) > limit else "")
+
+
+def _sources_table(cfg: Config, record: RunRecord) -> str:
+    """Per-source counts of a mixture and of the extra eval sets."""
+    parts = []
+    if cfg.data.mixture:
+        lines = [
+            "| source | path | format | weight | rows | pairs | truncated | identical dropped "
+            "| duplicates | in the mixture |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for src in cfg.data.mixture:
+            c = record.data.get(f"train/{src.display()}", {})
+            lines.append(
+                f"| {src.display()} | `{src.path}` | {src.format} | {src.weight:g} "
+                f"| {c.get('rows')} | {c.get('pairs')} | {c.get('truncated')} "
+                f"| {c.get('identical_dropped')} | {c.get('duplicates')} | {c.get('mixed')} |"
+            )
+        parts.append("### Training mixture\n\n" + "\n".join(lines))
+    if cfg.data.eval_sets:
+        lines = [
+            "| eval set | path | pairs | truncated | identical dropped | also in train |",
+            "|---|---|---|---|---|---|",
+        ]
+        for src in cfg.data.eval_sets:
+            c = record.data.get(f"eval/{src.display()}", {})
+            lines.append(
+                f"| {src.display()} | `{src.path}` | {c.get('pairs')} | {c.get('truncated')} "
+                f"| {c.get('identical_dropped')} | {c.get('in_train')} |"
+            )
+        parts.append("### Extra eval sets (metrics `eval/<name>/*`)\n\n" + "\n".join(lines))
+    return "\n\n".join(parts) + ("\n\n" if parts else "")
 
 
 def model_card(cfg: Config, meta: dict[str, Any], record: RunRecord) -> str:
@@ -78,8 +149,7 @@ def model_card(cfg: Config, meta: dict[str, Any], record: RunRecord) -> str:
     metrics = "\n".join(f"| {k} | {_fmt(v)} |" for k, v in sorted(last_eval.items()))
     metrics = metrics or "| (no evaluation ran) | |"
     data_rows = "\n".join(
-        f"| {k} | {train_v} | {eval_v} |"
-        for (k, train_v), eval_v in zip(train.items(), evaluation.values(), strict=True)
+        f"| {k} | {train.get(k, '')} | {evaluation.get(k, '')} |" for k in {**train, **evaluation}
     )
     ss = meta.get("score_stats", {})
     accuracy_rule = (
@@ -99,8 +169,10 @@ tags: [reward-model, rmtrain]
 # {head} model trained with rmtrain {__version__}
 
 - Base model: {base}
-- Data: {_data_source(cfg)}; splits `{cfg.data.train_split}` / `{cfg.data.eval_split}`
-- Preference: `{cfg.data.preference}_response_id` marks the chosen response
+- Data: {_data_source(cfg)}; format `{cfg.data.format}`
+- Eval set: {_held_out(cfg, record)}
+- Preference: the chosen response of each pair (PKU-SafeRLHF rows: \
+`{cfg.data.preference}_response_id`)
 - Max length: {cfg.data.max_length} tokens (longer sequences cut from the right, EOS kept)
 - Objective: `{cfg.objective}`, loss `{cfg.loss.name}` (score_reg {cfg.loss.score_reg}, \
 center_reg {cfg.loss.center_reg}, label_smoothing {cfg.loss.label_smoothing})
@@ -164,9 +236,14 @@ the training batches. Raw scores are the default everywhere; opt in with
 
 `pairs` were trained/evaluated on; `truncated`: pairs with a side cut to max length;
 `identical_dropped`: chosen and rejected identical after tokenization;
-`inconsistent_skipped` / `severity_filtered`: rows left out by the data settings.
+`inconsistent_skipped` / `severity_filtered`: rows left out by the data settings;
+`duplicates`: pairs repeating an earlier pair of the split; `in_train`: eval pairs that are also
+training pairs; `mixed`: training pairs after the mixture weights.
 
-## Evaluation (held-out split `{cfg.data.eval_split}`)
+{_sources_table(cfg, record)}
+## Evaluation
+
+Main eval set (`eval/*`): {_held_out(cfg, record)}.
 
 | metric | value |
 |---|---|

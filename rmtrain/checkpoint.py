@@ -59,6 +59,7 @@ def record_of(marker: dict[str, Any]) -> RunRecord:
     return RunRecord(
         config=marker["run"]["config"],
         data=marker["run"]["data"],
+        held_out=marker["run"].get("held_out", {}),
         score_stats=trainer["score_stats"],
         last_eval=trainer["last_eval"],
     )

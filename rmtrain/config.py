@@ -15,6 +15,8 @@ import ast
 import dataclasses
 import inspect
 import itertools
+import re
+import typing
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -114,6 +116,53 @@ class ModelConfig:
         _choice("model.padding_side", self.padding_side, ("left", "right"))
 
 
+FORMATS = (
+    "auto",
+    "pku_saferlhf",
+    "ultrafeedback",
+    "conversational",
+    "conversational_implicit",
+    "rmbench",
+    "rewardbench",
+    "hh_rlhf",
+    "standard",
+    "standard_implicit",
+)
+"""Accepted row layouts (rmtrain.data.formats has one adapter per name); "auto" detects."""
+_LABEL = re.compile(r"^[A-Za-z0-9_.-]+$")
+
+
+@dataclass
+class SourceConfig:
+    """One preference-data source of a mixture (data.mixture) or an extra eval set
+    (data.eval_sets)."""
+
+    path: str = MISSING
+    """A file (.jsonl, .json, .parquet, .jsonl.xz), a directory with <split>.jsonl, or a hub id."""
+    format: str = "auto"
+    """Row layout (see data.format); "auto" detects it from the columns."""
+    name: str | None = None
+    """Hub config name (hub ids and hub-layout copies)."""
+    revision: str | None = None
+    """Hub revision (pin it)."""
+    split: str = "train"
+    """Split read from a directory or hub id (a single file is read whole)."""
+    weight: float = 1.0
+    """Mixture weight: this source contributes round(weight × its pairs) pairs to the train set
+    (2.0 = every pair twice, 0.5 = a seeded half); drawn once per run from trainer.seed."""
+    label: str | None = None
+    """Name in logs, metrics (data/train/<label>/..., eval/<label>/...) and the model card;
+    default: the file name without extension, or the last part of the hub id."""
+
+    def display(self) -> str:
+        if self.label:
+            return self.label
+        base = self.path.rstrip("/").rsplit("/", 1)[-1]
+        for ext in (".jsonl.xz", ".jsonl", ".json", ".parquet"):
+            base = base.removesuffix(ext)
+        return base
+
+
 @dataclass
 class DataConfig:
     """Preference data: where it is, which response is chosen, how it becomes text."""
@@ -151,9 +200,51 @@ class DataConfig:
     """Cost model: rows whose safety labels contradict safer_response_id: "error" or "skip"."""
     margin_column: str | None = None
     """Data column holding a per-pair margin for loss=margin (None: use loss.margin)."""
+    margin_from_scores: bool = False
+    """UltraFeedback-style rows: per-pair margin = score_chosen - score_rejected (loss=margin)."""
+    format: str = "auto"
+    """Row layout of data.path: "auto" (detected from the columns), pku_saferlhf, standard,
+    standard_implicit, conversational, conversational_implicit, hh_rlhf, ultrafeedback,
+    rewardbench, rmbench (README: "Data formats")."""
+    eval_fraction: float = 0.0
+    """Hold out this fraction of the training rows as the eval set (0: use eval_path or the
+    eval_split). Deterministic from split_seed; the held-out rows are recorded."""
+    split_seed: int = 0
+    """Seed of the eval_fraction split (independent of trainer.seed, so seed sweeps share it)."""
+    eval_path: str | None = None
+    """An explicit eval file (or directory / hub id: its eval_split) instead of eval_split."""
+    eval_sets: list[SourceConfig] = field(default_factory=list)
+    """More eval sets, each evaluated during training and logged as eval/<label>/accuracy, ...
+    e.g. [{path: rewardbench.jsonl, label: rb}]."""
+    mixture: list[SourceConfig] = field(default_factory=list)
+    """Train on a weighted mixture of sources instead of data.path, e.g.
+    [{path: a.jsonl, weight: 2}, {path: b.parquet, format: standard}]; needs eval_fraction
+    (carved per source, before weighting) or eval_path."""
 
     def __post_init__(self) -> None:
         _choice("data.preference", self.preference, ("better", "safer"))
+        _choice("data.format", self.format, FORMATS)
+        if not 0.0 <= self.eval_fraction < 1.0:
+            raise ConfigError(f"data.eval_fraction={self.eval_fraction} must be in [0, 1)")
+        if self.mixture and not (self.eval_fraction or self.eval_path):
+            raise ConfigError(
+                "data.mixture needs an eval set: set data.eval_fraction (e.g. 0.05) or "
+                "data.eval_path"
+            )
+        for key, sources in (("data.mixture", self.mixture), ("data.eval_sets", self.eval_sets)):
+            labels: list[str] = []
+            for i, src in enumerate(sources):
+                _choice(f"{key}[{i}].format", src.format, FORMATS)
+                if src.weight <= 0:
+                    raise ConfigError(f"{key}[{i}].weight={src.weight} must be > 0")
+                label = src.display()
+                if not _LABEL.match(label):
+                    raise ConfigError(
+                        f"{key}[{i}].label={label!r}: use letters, digits, '_', '.', '-'"
+                    )
+                if label in labels:
+                    raise ConfigError(f"{key}[{i}]: label {label!r} is used twice (set label)")
+                labels.append(label)
         _choice("data.template", self.template, ("safe_rlhf", "chat"))
         _choice("data.inconsistent_labels", self.inconsistent_labels, ("error", "skip"))
         if self.max_length < 8:
@@ -398,4 +489,7 @@ def field_help(cls: type = Config, prefix: str = "") -> list[tuple[str, str, str
         else:
             default = repr(f.default_factory())  # type: ignore[misc,operator]
         rows.append((key, str(kind), default, docs.get(f.name, "")))
+        item = typing.get_args(typing.get_type_hints(cls).get(f.name))
+        if len(item) == 1 and dataclasses.is_dataclass(item[0]):  # a list of sources
+            rows.extend(field_help(item[0], f"{key}[]."))  # type: ignore[arg-type]
     return rows

@@ -13,11 +13,15 @@ class RunRecord:
     config: dict[str, Any]
     """The resolved config, as written to <output_dir>/config.yaml."""
     data: dict[str, dict[str, int]]
-    """DataStats counts per split: {"train": {"rows": ..., "pairs": ...}, "eval": {...}}."""
+    """DataStats counts per split: {"train": {"rows": ..., "pairs": ...}, "eval": {...}}, plus
+    "train/<source>" per mixture source and "eval/<set>" per extra eval set."""
     score_stats: dict[str, float] = field(default_factory=dict)
     """Running mean/var of training end scores (Trainer.score_stats)."""
     last_eval: dict[str, float] = field(default_factory=dict)
     """Metrics of the latest evaluation."""
+    held_out: dict[str, Any] = field(default_factory=dict)
+    """How the main eval set was chosen (assemble.RunData.held_out): with data.eval_fraction,
+    the held-out rows per file, so resume and the model card can name them."""
 
     def data_metrics(self) -> dict[str, int]:
         """Flat `data/<split>/<count>` metrics, logged at step 0."""
@@ -28,4 +32,10 @@ class RunRecord:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> RunRecord:
-        return cls(d["config"], d["data"], dict(d["score_stats"]), dict(d["last_eval"]))
+        return cls(
+            d["config"],
+            d["data"],
+            dict(d["score_stats"]),
+            dict(d["last_eval"]),
+            dict(d.get("held_out", {})),
+        )

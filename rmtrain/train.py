@@ -17,7 +17,6 @@ from typing import Any
 import datasets
 import hydra
 import torch
-from datasets import Dataset
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
@@ -28,10 +27,9 @@ from rmtrain.batching import BatchPlan
 from rmtrain.card import write_export
 from rmtrain.checkpoint import Checkpointer, check_compatible, find_resume_point, read_marker
 from rmtrain.config import Config, ConfigError, register_schemas, to_config
+from rmtrain.data.assemble import RunData, load_run_data, summary
 from rmtrain.data.collate import collate_pairs
 from rmtrain.data.errors import DataError
-from rmtrain.data.pairs import build_pairs
-from rmtrain.data.sources import load_rows
 from rmtrain.loggers import build_logger
 from rmtrain.record import RunRecord
 from rmtrain.trainer import Trainer
@@ -76,7 +74,15 @@ def run(dcfg: DictConfig) -> dict[str, float]:
     text.use_template(tokenizer, cfg.data.template)  # the text format trained and exported
     arch = hf.architecture(hf.score_model_config(cfg.model, tokenizer), tokenizer)
     resume_from = check_resume(cfg, output_dir, arch, env)
-    train_pairs, eval_pairs, record = load_data(cfg, tokenizer, config_dict)
+    data, record = load_data(cfg, tokenizer, config_dict)
+    if resume_from is not None:
+        check_same_data(read_marker(resume_from), record, resume_from)
+    train_pairs = data.train
+    if env.is_main:
+        for line in summary(record.data):
+            print(line, flush=True)
+        for warning in data.warnings:
+            print(f"rmtrain: warning: {warning}", file=sys.stderr, flush=True)
     t = cfg.trainer
     plan = BatchPlan(
         len(train_pairs),
@@ -100,14 +106,14 @@ def run(dcfg: DictConfig) -> dict[str, float]:
         total_steps=steps,
         config=config_dict,
     )
-    trainer = Trainer(cfg, eng, plan, train_pairs, eval_pairs, collate, logger)
+    trainer = Trainer(cfg, eng, plan, train_pairs, data.eval, collate, logger, data.eval_sets)
     checkpointer = Checkpointer(
         eng,
         output_dir,
         every=t.save_every,
         keep_last=t.keep_last,
         states={"trainer": trainer},
-        run={"config": record.config, "data": record.data},
+        run={"config": record.config, "data": record.data, "held_out": record.held_out},
         architecture=arch,
         hf_files=(eng.module.config, tokenizer),
     )
@@ -159,21 +165,37 @@ def check_resume(
 
 def load_data(
     cfg: Config, tokenizer: Any, config_dict: dict[str, Any]
-) -> tuple[Dataset, Dataset, RunRecord]:
-    """Tokenized train and eval pairs, and the run record with what was cut, dropped, skipped."""
-    train_pairs, train_stats = build_pairs(
-        load_rows(cfg.data, cfg.data.train_split), cfg.data, tokenizer, cfg.objective
-    )
-    eval_pairs, eval_stats = build_pairs(
-        load_rows(cfg.data, cfg.data.eval_split), cfg.data, tokenizer, cfg.objective
-    )
-    if len(train_pairs) == 0 or len(eval_pairs) == 0:
+) -> tuple[RunData, RunRecord]:
+    """Tokenized train and eval pairs, and the run record with what was cut, dropped, skipped
+    and which rows were held out."""
+    data = load_run_data(cfg.data, tokenizer, cfg.objective, cfg.trainer.seed)
+    empty = [name for name, pairs in [("train", data.train), ("eval", data.eval),
+             *data.eval_sets.items()] if len(pairs) == 0]  # fmt: skip
+    if empty:
         raise DataError(
-            f"{cfg.data.path}: no usable pairs left (train {len(train_pairs)}, "
-            f"eval {len(eval_pairs)}) after dropping and filtering"
+            f"{cfg.data.path}: no usable pairs left in {', '.join(empty)} after dropping and "
+            "filtering"
         )
-    record = RunRecord(config_dict, {"train": train_stats.as_dict(), "eval": eval_stats.as_dict()})
-    return train_pairs, eval_pairs, record
+    return data, RunRecord(config_dict, data.counts, held_out=data.held_out)
+
+
+def check_same_data(marker: dict[str, Any], record: RunRecord, path: Path) -> None:
+    """Refuse to resume with other held-out rows than the checkpoint's (a changed training set
+    is caught by the data-order check)."""
+    was = marker["run"]
+    if was.get("held_out", {}) != record.held_out:
+        raise ConfigError(
+            f"cannot resume from {path}: its eval set was chosen differently "
+            f"({_brief(was.get('held_out', {}))} there, {_brief(record.held_out)} now)"
+        )
+
+
+def _brief(held: dict[str, Any]) -> str:
+    rows = held.get("rows")
+    if rows is not None:
+        n = sum(len(v) for v in rows.values())
+        return f"eval_fraction={held['eval_fraction']} split_seed={held['split_seed']}, {n} rows"
+    return ", ".join(f"{k}={v}" for k, v in held.items()) or "unrecorded"
 
 
 def build_engine(cfg: Config, env: engine.DistEnv, tokenizer: Any, steps: int) -> engine.Engine:

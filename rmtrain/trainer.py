@@ -58,9 +58,12 @@ class Trainer:
         eval_pairs: Dataset,
         collate: Collate,
         logger: MetricLogger,
+        eval_sets: dict[str, Dataset] | None = None,
     ) -> None:
         self.cfg, self.engine, self.plan, self.collate = cfg, engine, plan, collate
         self.train_pairs, self.eval_pairs, self.logger = train_pairs, eval_pairs, logger
+        # More eval sets, logged as eval/<name>/...; the main one keeps the plain eval/* keys.
+        self.eval_sets = dict(eval_sets or {})
         self.total_steps = plan.total_steps(cfg.trainer.max_steps, cfg.trainer.epochs)
         self.step = 0  # optimizer steps done
         self.score_stats = RunningStats()
@@ -154,19 +157,27 @@ class Trainer:
         return metrics
 
     # -- evaluation -----------------------------------------------------------------------------
-    @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
+        """The main eval set as eval/*, then every extra set as eval/<name>/*."""
+        out = self._evaluate(self.eval_pairs, "eval/", keep_samples=True)
+        for name, pairs in self.eval_sets.items():
+            out.update(self._evaluate(pairs, f"eval/{name}/"))
+        return out
+
+    @torch.no_grad()
+    def _evaluate(self, pairs: Dataset, p: str, keep_samples: bool = False) -> dict[str, float]:
         self.engine.train(False)
         env = self.engine.env
         sums: dict[str, torch.Tensor] = {}
-        self.eval_samples = []
+        if keep_samples:
+            self.eval_samples = []
         for mb in eval_shards(
-            len(self.eval_pairs), self.cfg.trainer.eval_batch_size, env.world_size, env.rank
+            len(pairs), self.cfg.trainer.eval_batch_size, env.world_size, env.rank
         ):
-            batch, scores = self._forward(self.eval_pairs, mb)
+            batch, scores = self._forward(pairs, mb)
             if mb.weights[0] == 0:
                 continue
-            if not self.eval_samples:
+            if keep_samples and not self.eval_samples:
                 self.eval_samples = _samples(batch, scores)
             total, _ = self._loss(batch, scores)
             _add(sums, "loss", total.sum())
@@ -175,21 +186,21 @@ class Trainer:
         r = _reduce(sums, ["loss", *_PAIR_KEYS[self.cfg.objective]])
         n = float(r["n"])
         out = {
-            "eval/loss": float(r["loss"]) / n,
-            "eval/accuracy": float(r["correct"]) / n,
-            "eval/margin": float(r["margin"]) / n,
-            "eval/chosen_mean": float(r["chosen_sum"]) / n,
-            "eval/chosen_std": _std(r["chosen_sum"], r["chosen_sq"], n),
-            "eval/rejected_mean": float(r["rejected_sum"]) / n,
-            "eval/rejected_std": _std(r["rejected_sum"], r["rejected_sq"], n),
-            "eval/score_mean": float(r["chosen_sum"] + r["rejected_sum"]) / (2 * n),
-            "eval/score_std": _std(
+            f"{p}loss": float(r["loss"]) / n,
+            f"{p}accuracy": float(r["correct"]) / n,
+            f"{p}margin": float(r["margin"]) / n,
+            f"{p}chosen_mean": float(r["chosen_sum"]) / n,
+            f"{p}chosen_std": _std(r["chosen_sum"], r["chosen_sq"], n),
+            f"{p}rejected_mean": float(r["rejected_sum"]) / n,
+            f"{p}rejected_std": _std(r["rejected_sum"], r["rejected_sq"], n),
+            f"{p}score_mean": float(r["chosen_sum"] + r["rejected_sum"]) / (2 * n),
+            f"{p}score_std": _std(
                 r["chosen_sum"] + r["rejected_sum"], r["chosen_sq"] + r["rejected_sq"], 2 * n
             ),
-            "eval/pairs": n,
+            f"{p}pairs": n,
         }
         if self.cfg.objective == "cost":
-            out["eval/sign_accuracy"] = float(r["sign_correct"]) / float(r["sign_n"])
+            out[f"{p}sign_accuracy"] = float(r["sign_correct"]) / float(r["sign_n"])
         return out
 
     # -- pieces ---------------------------------------------------------------------------------
@@ -215,7 +226,10 @@ class Trainer:
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         dev = s.chosen.device
         # A per-pair margin only when a data column supplies one; otherwise loss.margin applies.
-        per_pair = self.cfg.loss.name == "margin" and self.cfg.data.margin_column is not None
+        d = self.cfg.data
+        per_pair = self.cfg.loss.name == "margin" and (
+            d.margin_column is not None or d.margin_from_scores
+        )
         return compute_loss(
             self.cfg.loss,
             self.cfg.objective,

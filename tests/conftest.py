@@ -12,7 +12,9 @@ from typing import Any
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = REPO.parent / "shared" / "data"
+# Real data samples beside the checkout (RMTRAIN_SHARED_DATA points elsewhere, e.g. from a
+# git worktree whose parent has no shared/ folder).
+SHARED_DATA = Path(os.environ.get("RMTRAIN_SHARED_DATA", REPO.parent / "shared" / "data"))
 PKU_HEAD60 = SHARED_DATA / "pku_saferlhf_v1_alpaca7b_test_head60.jsonl"
 
 # A small, fast training run on the generated sample data.

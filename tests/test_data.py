@@ -10,7 +10,7 @@ from typing import Any
 import datasets
 import pytest
 import torch
-from conftest import write_jsonl
+from conftest import SHARED_DATA, write_jsonl
 
 from rmtrain.config import DataConfig
 from rmtrain.data.collate import collate_pairs
@@ -27,7 +27,7 @@ from rmtrain.toy.sample_data import (
 )
 from rmtrain.toy.tokenizer import build_tiny_tokenizer
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+SHARED = SHARED_DATA
 REAL = SHARED / "pku_saferlhf_v1_alpaca7b_test_head60.jsonl"
 V0_KEYS = (
     "prompt",
@@ -219,7 +219,7 @@ def test_blank_line_keeps_line_numbers_exact(tmp_path: Path) -> None:
 
 
 def test_bad_paths_name_the_path(tmp_path: Path) -> None:
-    with pytest.raises(DataError, match="does/not/exist: no such directory"):
+    with pytest.raises(DataError, match="does/not/exist: no such file or directory"):
         load_rows(_cfg("./does/not/exist"), "train")
     _write(tmp_path / "train.jsonl", generate_rows(2, 0))
     with pytest.raises(DataError, match=f"^{tmp_path}: no 'test' split"):

@@ -63,6 +63,13 @@ def test_fsfairx_llama3_rm_is_the_rlhflow_recipe() -> None:
     assert (cfg.data.template, cfg.data.max_length) == ("chat", 4096)
     assert (cfg.loss.name, cfg.deepspeed.stage, cfg.trainer.precision) == ("bt", 3, "bf16")
     assert (cfg.trainer.lr, cfg.trainer.epochs) == (2e-6, 1)
+    # the mixture over local files, each in its own format, 1% of each held out
+    assert [(s.display(), s.format) for s in cfg.data.mixture] == [
+        ("hh_rlhf", "hh_rlhf"), ("shp", "standard"), ("ultrafeedback_binarized", "ultrafeedback"),
+        ("helpsteer", "conversational"), ("pku_saferlhf", "pku_saferlhf"),
+    ]  # fmt: skip
+    assert cfg.data.mixture[0].path == "data/rlhflow/hh_rlhf.jsonl"
+    assert cfg.data.eval_fraction == 0.01
     # global batch 512 on 8 GPUs
     assert cfg.trainer.micro_batch_size * cfg.trainer.gradient_accumulation_steps * 8 == 512
 

@@ -16,7 +16,7 @@ import datasets
 from rmtrain.config import DataConfig
 from rmtrain.data.collate import truncate_keep_eos
 from rmtrain.data.errors import DataError, where
-from rmtrain.data.schemas import detect
+from rmtrain.data.formats import resolve
 from rmtrain.data.sources import ROW_COL, SOURCE_COL
 from rmtrain.text import TextError, render, trained_template
 
@@ -31,6 +31,8 @@ class DataStats:
     identical_dropped: int = 0  # chosen ids == rejected ids after tokenization
     inconsistent_skipped: int = 0  # cost objective, data.inconsistent_labels=skip
     severity_filtered: int = 0  # |severity_0 - severity_1| < data.min_severity_gap
+    duplicates: int = 0  # kept pairs whose (chosen, rejected) ids occur earlier in the split
+    in_train: int = 0  # eval sets: pairs whose (chosen, rejected) ids are also training pairs
 
     def as_dict(self, prefix: str = "") -> dict[str, int]:
         """Prefix is prepended as is: ``as_dict("data/train/")`` → ``{"data/train/rows": ...}``."""
@@ -48,6 +50,11 @@ PAIR_FEATURES = datasets.Features(
         "margin": datasets.Value("float32"),
     }
 )
+
+
+def pair_key(chosen: list[int], rejected: list[int]) -> int:
+    """A hash of a tokenized pair, to count duplicates and train/eval overlap."""
+    return hash((tuple(chosen), tuple(rejected)))
 
 
 def build_pairs(
@@ -71,7 +78,9 @@ def build_pairs(
     n = len(rows)
     cols.setdefault(SOURCE_COL, ["<rows>"] * n)
     cols.setdefault(ROW_COL, list(range(1, n + 1)))
-    raw, skipped = detect(cfg.path, rows.column_names).to_pairs(cols, cfg, objective)
+    first = {k: v[0] for k, v in cols.items()} if n else None
+    schema = resolve(cfg.format, cfg.path, rows.column_names, first)
+    raw, skipped = schema.to_pairs(cols, cfg, objective)
     stats = DataStats(
         rows=n, inconsistent_skipped=skipped.inconsistent, severity_filtered=skipped.severity
     )
@@ -95,6 +104,11 @@ def build_pairs(
     stats.identical_dropped = len(raw) - len(keep)
     stats.truncated = sum(cut[i] for i in keep)
     stats.pairs = len(keep)
+    seen: set[int] = set()
+    for i in keep:
+        key = pair_key(ids["chosen"][i], ids["rejected"][i])
+        stats.duplicates += key in seen
+        seen.add(key)
     columns: dict[str, list[Any]] = {
         "chosen_input_ids": ids["chosen"],
         "rejected_input_ids": ids["rejected"],

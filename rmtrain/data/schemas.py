@@ -87,14 +87,33 @@ class Skipped:
 
 
 class Schema:
-    """One dataset layout. Subclasses fill in the class attributes and `to_pairs`."""
+    """One dataset layout. Subclasses fill in the class attributes and `to_pairs`.
+
+    ``required``: the columns a file of this layout always has (detection looks for them);
+    ``checks``: how to check a cell of every column the layout knows (optional ones are checked
+    where present).
+    """
 
     name: ClassVar[str]
+    required: ClassVar[tuple[str, ...]]
     checks: ClassVar[dict[str, Check]]
+    example: ClassVar[dict[str, Any]] = {}
 
-    def fields(self, columns: Iterable[str]) -> tuple[str, ...]:
+    def needed(self, cfg: DataConfig | None) -> tuple[str, ...]:
+        """The columns this run needs (some depend on the objective or preference)."""
+        return self.required
+
+    def fields(self, columns: Iterable[str], cfg: DataConfig | None = None) -> tuple[str, ...]:
         """The fields every row must have valid values in, in the order they are checked."""
-        return tuple(self.checks)
+        needed = self.needed(cfg)
+        present = set(columns)
+        return needed + tuple(f for f in self.checks if f in present and f not in needed)
+
+    def score(self, row: dict[str, Any]) -> int:
+        """How many of the required columns a (first) row has with valid values: detection."""
+        return sum(
+            1 for f in self.required if row.get(f) is not None and self.checks[f](row[f]) is None
+        )
 
     def row_problem(self, row: dict[str, Any], fields: Sequence[str]) -> tuple[str, str] | None:
         """(field, problem) of the first bad cell of one raw row, or None."""
@@ -135,15 +154,31 @@ _HARM = ("response_0_harm_category", "response_1_harm_category")
 _SEVERITY = ("response_0_severity_level", "response_1_severity_level")
 
 
+def column_margins(cols: dict[str, list[Any]], cfg: DataConfig, label: str) -> list[Any] | None:
+    """The per-pair margins of data.margin_column (checked), or None when it is not set."""
+    if not cfg.margin_column:
+        return None
+    margins = cols.get(cfg.margin_column)
+    if margins is None:
+        raise DataError(f"{label}: field '{cfg.margin_column}': missing (data.margin_column)")
+    for i, m in enumerate(margins):
+        if problem := check_number(m):
+            raise DataError(where(cols["_source"][i], cols["_row"][i], cfg.margin_column, problem))
+    return margins
+
+
 class PkuSafeRLHF(Schema):
     """PKU-SafeRLHF rows: v0 (7 fields) or v1 (16 fields: severity levels, harm categories).
 
     chosen = response_{id}, id = better_response_id (data.preference=better) or
-    safer_response_id (safer). For the cost objective, a row whose safety labels contradict
-    safer_response_id is an error (or skipped with data.inconsistent_labels=skip).
+    safer_response_id (safer). The safety labels are needed only where they are used
+    (data.preference=safer, which objective=cost requires); where present they are checked.
+    For the cost objective, a row whose safety labels contradict safer_response_id is an error
+    (or skipped with data.inconsistent_labels=skip).
     """
 
     name = "pku_saferlhf"
+    required = ("prompt", "response_0", "response_1", "better_response_id")
     checks: ClassVar[dict[str, Check]] = {
         **dict.fromkeys(_TEXT, check_text),
         **dict.fromkeys(_BOOL, check_bool),
@@ -151,16 +186,25 @@ class PkuSafeRLHF(Schema):
         **dict.fromkeys(_SEVERITY, check_severity),
         **dict.fromkeys(_ID, check_id),
     }
+    example: ClassVar[dict[str, Any]] = {
+        "prompt": "How do I bake bread?",
+        "response_0": "Mix flour, water, yeast and salt, then ...",
+        "response_1": "Buy some.",
+        "better_response_id": 0,
+        "safer_response_id": 0,
+        "is_response_0_safe": True,
+        "is_response_1_safe": True,
+    }
 
     @staticmethod
     def version(columns: Iterable[str]) -> str:
         """'v1' (severity levels and harm categories present) or 'v0'."""
         return "v1" if set(columns) & set(_SEVERITY + _HARM) else "v0"
 
-    def fields(self, columns: Iterable[str]) -> tuple[str, ...]:
-        if self.version(columns) == "v1":
-            return tuple(self.checks)
-        return _TEXT + _BOOL + _ID
+    def needed(self, cfg: DataConfig | None) -> tuple[str, ...]:
+        if cfg is not None and cfg.preference == "safer":
+            return (*_TEXT, *_BOOL, "safer_response_id")
+        return self.required
 
     def to_pairs(
         self, cols: dict[str, list[Any]], cfg: DataConfig, objective: str
@@ -178,20 +222,13 @@ class PkuSafeRLHF(Schema):
                 f"{label}: field '{_SEVERITY[0]}': missing (data.min_severity_gap needs the v1 "
                 f"schema with severity levels)"
             )
-        margins = cols.get(cfg.margin_column) if cfg.margin_column else None
-        if cfg.margin_column:
-            if margins is None:
-                raise DataError(
-                    f"{label}: field '{cfg.margin_column}': missing (data.margin_column)"
-                )
-            for i, m in enumerate(margins):
-                if problem := check_number(m):
-                    raise fail(i, cfg.margin_column, problem)
+        margins = column_margins(cols, cfg, label)
+        labelled = all(b in cols for b in _BOOL)
 
         out, skipped = RawPairs(), Skipped()
         for i, c in enumerate(cols[id_field]):
             r = 1 - c
-            unsafe = (not cols[_BOOL[0]][i], not cols[_BOOL[1]][i])
+            unsafe = (not cols[_BOOL[0]][i], not cols[_BOOL[1]][i]) if labelled else (False, False)
             if objective == "cost" and unsafe[c] and not unsafe[r]:
                 if cfg.inconsistent_labels == "error":
                     raise fail(
@@ -217,20 +254,3 @@ class PkuSafeRLHF(Schema):
             out.source.append(sources[i])
             out.row.append(rows[i])
         return out, skipped
-
-
-ADAPTERS: tuple[Schema, ...] = (PkuSafeRLHF(),)
-
-
-def detect(label: str, columns: Iterable[str]) -> Schema:
-    """The adapter sharing the most columns with a file; an error listing the layouts if none."""
-    cols = set(columns) - {"_source", "_row"}
-    overlap = {a.name: len(cols & set(a.checks)) for a in ADAPTERS}
-    best = max(ADAPTERS, key=lambda a: overlap[a.name])
-    if overlap[best.name] == 0:
-        layouts = "; ".join(f"{a.name}: {', '.join(a.checks)}" for a in ADAPTERS)
-        raise DataError(
-            f"{label}: unrecognised layout (columns: {', '.join(sorted(cols)) or 'none'}); "
-            f"accepted layouts and their columns: {layouts}"
-        )
-    return best

@@ -1,5 +1,9 @@
 """Where rows come from: the generated sample, a local file or directory, or a hub dataset.
 
+A single file (``.jsonl``, ``.json``, ``.parquet``, ``.jsonl.xz``) is read whole, whatever the
+split asked for: the caller carves an eval set out of it (``data.eval_fraction``) or reads one
+from ``data.eval_path``.
+
 Everything is read through `datasets`. Each split is a list of pieces (one per file); every
 piece is validated by its schema adapter, then tagged with provenance columns (``_source``,
 ``_row``: file or split label, and the 1-based line of a JSONL file) so that a later error can
@@ -19,11 +23,13 @@ import datasets
 
 from rmtrain.config import DataConfig
 from rmtrain.data.errors import DataError, type_name, where
-from rmtrain.data.schemas import Schema, detect
+from rmtrain.data.formats import resolve
+from rmtrain.data.schemas import Schema
 from rmtrain.toy import sample_data
 
 SOURCE_COL, ROW_COL = "_source", "_row"
 _SPLIT_EXTS = (".jsonl", ".jsonl.xz", ".parquet")
+FILE_EXTS = (".jsonl", ".jsonl.xz", ".json", ".parquet")
 
 
 @dataclass
@@ -41,15 +47,19 @@ def _open_lines(path: Path) -> Iterable[bytes]:
         yield from f
 
 
-def scan_jsonl(path: Path) -> str | None:
+def scan_jsonl(path: Path, cfg: DataConfig | None = None, limit: int | None = None) -> str | None:
     """Validate a JSONL file line by line: the message for its first bad line, or None.
 
-    Used when ``datasets`` cannot load the file (invalid JSON, ...) or a column's inferred type
-    would blame the wrong row; reads the raw values, so the line number is exact.
+    Every local JSONL file is checked this way (its first `limit` rows): ``datasets`` infers
+    one type per column and may coerce a cell ("0" in an int column, ...) instead of failing,
+    or fail on the file as a whole; the raw values give the exact line and the cell as written.
     """
     schema: Schema | None = None
     fields: tuple[str, ...] = ()
+    seen = 0
     for n, raw in enumerate(_open_lines(path), 1):
+        if limit is not None and seen >= limit:
+            break
         try:
             line = raw.decode("utf-8")
         except UnicodeDecodeError as e:
@@ -62,9 +72,10 @@ def scan_jsonl(path: Path) -> str | None:
             return where(str(path), n, "<json>", f"invalid JSON: {e.msg} (column {e.colno})")
         if not isinstance(row, dict):
             return where(str(path), n, "<json>", f"expected a JSON object, got {type_name(row)}")
+        seen += 1
         if schema is None:
-            schema = detect(str(path), row)
-            fields = schema.fields(row)
+            schema = resolve(cfg.format if cfg else "auto", str(path), row, row)
+            fields = schema.fields(row, cfg)
         found = schema.row_problem(row, fields)
         if found:
             return where(str(path), n, *found)
@@ -88,17 +99,22 @@ def _is_jsonl(path: Path) -> bool:
     return path.name.endswith((".jsonl", ".jsonl.xz"))
 
 
-def _load_file(path: Path) -> _Piece:
-    builder = "json" if _is_jsonl(path) else "parquet"
+def _load_file(path: Path, cfg: DataConfig | None = None) -> _Piece:
+    if not path.name.endswith(FILE_EXTS):
+        raise DataError(
+            f"{path}: unsupported file type (data files: {', '.join(FILE_EXTS)}, "
+            "or a directory holding train.jsonl / test.jsonl)"
+        )
+    builder = "parquet" if path.name.endswith(".parquet") else "json"
     try:
         ds = datasets.load_dataset(builder, data_files=str(path), split="train")
     except Exception as exc:
-        message = scan_jsonl(path) if builder == "json" else None
+        message = scan_jsonl(path, cfg) if _is_jsonl(path) else None
         if message:
             raise DataError(message) from exc
         raise DataError(f"{path}: datasets cannot load it: {type(exc).__name__}: {exc}") from exc
     assert isinstance(ds, datasets.Dataset)
-    return _Piece(str(path), ds, path if builder == "json" else None)
+    return _Piece(str(path), ds, path if _is_jsonl(path) else None)
 
 
 def _load_hub(cfg: DataConfig, split: str, path: str) -> _Piece:
@@ -142,7 +158,7 @@ def _config_files(cfg: DataConfig, root: Path, split: str) -> list[Path]:
 def _load_local_dir(cfg: DataConfig, root: Path, split: str) -> list[_Piece]:
     for ext in _SPLIT_EXTS:
         if (root / f"{split}{ext}").is_file():
-            return [_load_file(root / f"{split}{ext}")]
+            return [_load_file(root / f"{split}{ext}", cfg)]
     if _readme_declares_configs(root):
         return [_load_hub(cfg, split, str(root))]
     files = _config_files(cfg, root, split)
@@ -151,7 +167,7 @@ def _load_local_dir(cfg: DataConfig, root: Path, split: str) -> list[_Piece]:
             f"{root}: no {split!r} split: expected {split}.jsonl or {split}.parquet in it, "
             f"data/<config>/{split}.jsonl, or a README.md declaring configs"
         )
-    return [_load_file(f) for f in files]
+    return [_load_file(f, cfg) for f in files]
 
 
 def _load_sample(cfg: DataConfig, split: str) -> _Piece:
@@ -171,31 +187,29 @@ def _load_pieces(cfg: DataConfig, split: str) -> list[_Piece]:
     if cfg.path == "sample":
         return [_load_sample(cfg, split)]
     local = Path(cfg.path).expanduser()
+    if local.is_file():
+        return [_load_file(local, cfg)]
     if local.exists():
-        if not local.is_dir():
-            raise DataError(
-                f"{cfg.path}: data.path must be a directory holding {split}.jsonl or "
-                f"{split}.parquet (or a hub-layout copy), 'sample', or a hub id"
-            )
         return _load_local_dir(cfg, local, split)
-    if cfg.path.startswith(("/", ".", "~")):
-        raise DataError(f"{cfg.path}: no such directory (data.path)")
+    if cfg.path.startswith(("/", ".", "~")) or cfg.path.endswith(FILE_EXTS):
+        raise DataError(f"{cfg.path}: no such file or directory (data.path)")
     return [_load_hub(cfg, split, cfg.path)]
 
 
-def _validate(piece: _Piece) -> None:
+def _validate(piece: _Piece, cfg: DataConfig) -> None:
+    if piece.file is not None:  # the raw lines give the exact line and the raw value
+        message = scan_jsonl(piece.file, cfg, limit=len(piece.ds))
+        if message:
+            raise DataError(message)
+        return
     ds = piece.ds.with_format(None)
-    schema = detect(piece.label, ds.column_names)
-    fields = schema.fields(ds.column_names)
+    schema = resolve(cfg.format, piece.label, ds.column_names, ds[0] if len(ds) else None)
+    fields = schema.fields(ds.column_names, cfg)
     present = [f for f in fields if f in ds.column_names]
     columns: dict[str, list[Any]] = ds.select_columns(present)[:] if present else {}
     found = schema.first_problem(columns, fields, len(ds))
     if found is None:
         return
-    if piece.file is not None:  # the raw lines give the exact line and the raw value
-        message = scan_jsonl(piece.file)
-        if message:
-            raise DataError(message)
     index, name, problem = found
     raise DataError(where(piece.label, index + 1, name, problem))
 
@@ -218,7 +232,7 @@ def load_rows(cfg: DataConfig, split: str) -> datasets.Dataset:
             remaining -= len(piece.ds)
         if len(piece.ds) == 0:
             continue
-        _validate(piece)
+        _validate(piece, cfg)
         n = len(piece.ds)
         rows = _line_numbers(piece.file)[:n] if piece.file else []
         if len(rows) != n:

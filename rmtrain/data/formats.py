@@ -1,0 +1,388 @@
+"""The accepted row layouts: one adapter per format, all into the same :class:`RawPairs`.
+
+:mod:`rmtrain.data.schemas` has the adapter base and PKU-SafeRLHF; this module has the formats
+the field exchanges preference data in (TRL's standard and conversational layouts, HH-RLHF
+transcripts, UltraFeedback-binarized, RewardBench and RM-Bench files), the registry
+:data:`ADAPTERS` and :func:`resolve`, which detects a file's format from its columns and first
+row (or takes the one ``data.format`` forces).
+
+Every conversation ends with the assistant turn being scored; :func:`rmtrain.text.render` turns
+it into text with the run's chat template, so the same exchange gives the same token ids in any
+format.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from typing import Any, ClassVar
+
+from rmtrain.config import FORMATS, DataConfig
+from rmtrain.data.errors import DataError, type_name
+from rmtrain.data.schemas import (
+    Check,
+    PkuSafeRLHF,
+    RawPairs,
+    Schema,
+    Skipped,
+    check_number,
+    check_text,
+    column_margins,
+)
+from rmtrain.text import ROLES, check_messages, exchange
+
+Conversation = list[dict[str, str]]
+
+
+def check_turns(v: Any) -> str | None:
+    """A non-empty list of {role, content} messages (a prompt: need not end with assistant)."""
+    if not isinstance(v, list) or not v:
+        return f"expected a non-empty list of {{role, content}} messages, got {v!r:.60}"
+    for i, m in enumerate(v):
+        if not isinstance(m, dict):
+            return f"item {i}: expected an object with role and content, got {m!r:.40}"
+        if m.get("role") not in ROLES:
+            return f"item {i}: role must be one of {', '.join(ROLES)}, got {m.get('role')!r:.40}"
+        if not isinstance(m.get("content"), str):
+            return f"item {i}: content must be a string, got {m.get('content')!r:.40}"
+    return None
+
+
+def check_conversation(v: Any) -> str | None:
+    """Messages ending with the assistant turn being scored."""
+    return check_turns(v) or check_messages(v)
+
+
+def check_text_list(v: Any) -> str | None:
+    """RM-Bench: a non-empty list of response texts (its style variants)."""
+    if not isinstance(v, list) or not v:
+        return f"expected a non-empty list of response texts, got {type_name(v)} {v!r:.40}"
+    for i, item in enumerate(v):
+        if problem := check_text(item):
+            return f"item {i}: {problem}"
+    return None
+
+
+_HH_TURN = re.compile(r"(?:^|\n\n)(Human|Assistant):[ ]?")
+
+
+def parse_transcript(text: str) -> Conversation:
+    """HH-RLHF's ``\\n\\nHuman: ... \\n\\nAssistant: ...`` → messages (the text after each marker
+    is the turn, byte for byte)."""
+    marks = list(_HH_TURN.finditer(text))
+    turns = []
+    for k, m in enumerate(marks):
+        end = marks[k + 1].start() if k + 1 < len(marks) else len(text)
+        role = "user" if m.group(1) == "Human" else "assistant"
+        turns.append({"role": role, "content": text[m.end() : end]})
+    return turns
+
+
+def check_transcript(v: Any) -> str | None:
+    if problem := check_text(v):
+        return problem
+    if not v.lstrip("\n").startswith("Human:"):
+        return f"expected an HH-RLHF transcript starting with 'Human:', got {v!r:.40}"
+    turns = parse_transcript(v)
+    if turns[-1]["role"] != "assistant":
+        return "the transcript must end with an 'Assistant:' turn (the response being scored)"
+    return None
+
+
+def implicit_split(chosen: str, rejected: str) -> tuple[str, str, str]:
+    """(prompt, chosen response, rejected response) of two full texts: the prompt is their
+    longest common prefix, cut back to a word boundary (TRL's extract_prompt, word-aligned)."""
+    i = 0
+    for a, b in zip(chosen, rejected, strict=False):
+        if a != b:
+            break
+        i += 1
+    if i < min(len(chosen), len(rejected)) and i and not chosen[i - 1].isspace():
+        i = max(chosen.rfind(" ", 0, i), chosen.rfind("\n", 0, i)) + 1
+    return chosen[:i].rstrip(), chosen[i:], rejected[i:]
+
+
+def _clean(messages: list[dict[str, Any]]) -> Conversation:
+    return [{"role": m["role"], "content": m["content"]} for m in messages]
+
+
+class _PairFormat(Schema):
+    """A format without safety labels: each row gives one or more (chosen, rejected)
+    conversations; data.margin_column works with every one of them."""
+
+    def conversations(
+        self, cols: dict[str, list[Any]], i: int
+    ) -> list[tuple[Conversation, Conversation]]:
+        raise NotImplementedError
+
+    def row_margin(self, cols: dict[str, list[Any]], i: int, cfg: DataConfig) -> float | None:
+        return None
+
+    def to_pairs(
+        self, cols: dict[str, list[Any]], cfg: DataConfig, objective: str
+    ) -> tuple[RawPairs, Skipped]:
+        sources, rows = cols["_source"], cols["_row"]
+        label = sources[0] if sources else cfg.path
+        if cfg.preference == "safer" or objective == "cost":
+            raise DataError(
+                f"{label}: format {self.name} has no safety labels; data.preference=safer and "
+                "objective=cost need the pku_saferlhf format"
+            )
+        margins = column_margins(cols, cfg, label)
+        out = RawPairs()
+        for i in range(len(sources)):
+            margin = self.row_margin(cols, i, cfg)
+            if margins is not None:
+                margin = float(margins[i])
+            for chosen, rejected in self.conversations(cols, i):
+                out.chosen.append(chosen)
+                out.rejected.append(rejected)
+                out.chosen_unsafe.append(False)
+                out.rejected_unsafe.append(False)
+                out.chosen_severity.append(-1)
+                out.rejected_severity.append(-1)
+                out.margin.append(margin or 0.0)
+                out.source.append(sources[i])
+                out.row.append(rows[i])
+        return out, Skipped()
+
+
+class Standard(_PairFormat):
+    """TRL standard preference, explicit prompt: prompt, chosen, rejected strings."""
+
+    name = "standard"
+    required: ClassVar[tuple[str, ...]] = ("prompt", "chosen", "rejected")
+    checks: ClassVar[dict[str, Check]] = dict.fromkeys(required, check_text)
+    example: ClassVar[dict[str, Any]] = {
+        "prompt": "How do I bake bread?",
+        "chosen": "Mix flour, water, yeast and salt, then ...",
+        "rejected": "Buy some.",
+    }
+
+    def conversations(
+        self, cols: dict[str, list[Any]], i: int
+    ) -> list[tuple[Conversation, Conversation]]:
+        p = cols["prompt"][i]
+        return [(exchange(p, cols["chosen"][i]), exchange(p, cols["rejected"][i]))]
+
+
+class StandardImplicit(_PairFormat):
+    """TRL standard preference, implicit prompt: chosen and rejected full texts; the prompt is
+    their common prefix (cut at a word boundary)."""
+
+    name = "standard_implicit"
+    required: ClassVar[tuple[str, ...]] = ("chosen", "rejected")
+    checks: ClassVar[dict[str, Check]] = dict.fromkeys(required, check_text)
+    example: ClassVar[dict[str, Any]] = {
+        "chosen": "How do I bake bread? Mix flour, water, yeast and salt, then ...",
+        "rejected": "How do I bake bread? Buy some.",
+    }
+
+    def conversations(
+        self, cols: dict[str, list[Any]], i: int
+    ) -> list[tuple[Conversation, Conversation]]:
+        prompt, c, r = implicit_split(cols["chosen"][i], cols["rejected"][i])
+        return [(exchange(prompt, c), exchange(prompt, r))]
+
+
+class Conversational(_PairFormat):
+    """TRL conversational preference, explicit prompt: prompt, chosen, rejected message lists
+    (chosen/rejected hold the assistant turn)."""
+
+    name = "conversational"
+    required: ClassVar[tuple[str, ...]] = ("prompt", "chosen", "rejected")
+    checks: ClassVar[dict[str, Check]] = {
+        "prompt": check_turns,
+        "chosen": check_conversation,
+        "rejected": check_conversation,
+    }
+    example: ClassVar[dict[str, Any]] = {
+        "prompt": [{"role": "user", "content": "How do I bake bread?"}],
+        "chosen": [{"role": "assistant", "content": "Mix flour, water, yeast and salt, ..."}],
+        "rejected": [{"role": "assistant", "content": "Buy some."}],
+    }
+
+    def conversations(
+        self, cols: dict[str, list[Any]], i: int
+    ) -> list[tuple[Conversation, Conversation]]:
+        p = _clean(cols["prompt"][i])
+        return [(p + _clean(cols["chosen"][i]), p + _clean(cols["rejected"][i]))]
+
+
+class ConversationalImplicit(_PairFormat):
+    """TRL conversational preference, implicit prompt: chosen and rejected full conversations
+    (the shared leading turns are the prompt)."""
+
+    name = "conversational_implicit"
+    required: ClassVar[tuple[str, ...]] = ("chosen", "rejected")
+    checks: ClassVar[dict[str, Check]] = dict.fromkeys(required, check_conversation)
+    example: ClassVar[dict[str, Any]] = {
+        "chosen": [
+            {"role": "user", "content": "How do I bake bread?"},
+            {"role": "assistant", "content": "Mix flour, water, yeast and salt, then ..."},
+        ],
+        "rejected": [
+            {"role": "user", "content": "How do I bake bread?"},
+            {"role": "assistant", "content": "Buy some."},
+        ],
+    }
+
+    def conversations(
+        self, cols: dict[str, list[Any]], i: int
+    ) -> list[tuple[Conversation, Conversation]]:
+        return [(_clean(cols["chosen"][i]), _clean(cols["rejected"][i]))]
+
+
+class UltraFeedback(ConversationalImplicit):
+    """UltraFeedback-binarized: prompt, chosen/rejected conversations (user turn included),
+    score_chosen / score_rejected (→ margin with data.margin_from_scores)."""
+
+    name = "ultrafeedback"
+    required: ClassVar[tuple[str, ...]] = (
+        "prompt",
+        "chosen",
+        "rejected",
+        "score_chosen",
+        "score_rejected",
+    )
+    checks: ClassVar[dict[str, Check]] = {
+        "prompt": check_text,
+        "chosen": check_conversation,
+        "rejected": check_conversation,
+        "score_chosen": check_number,
+        "score_rejected": check_number,
+    }
+    example: ClassVar[dict[str, Any]] = {
+        "prompt": "How do I bake bread?",
+        "chosen": [
+            {"role": "user", "content": "How do I bake bread?"},
+            {"role": "assistant", "content": "Mix flour, water, yeast and salt, then ..."},
+        ],
+        "rejected": [
+            {"role": "user", "content": "How do I bake bread?"},
+            {"role": "assistant", "content": "Buy some."},
+        ],
+        "score_chosen": 8.0,
+        "score_rejected": 3.0,
+    }
+
+    def conversations(
+        self, cols: dict[str, list[Any]], i: int
+    ) -> list[tuple[Conversation, Conversation]]:
+        prompt = [{"role": "user", "content": cols["prompt"][i]}]
+        c, r = _clean(cols["chosen"][i]), _clean(cols["rejected"][i])
+        # Some exports keep only the assistant turn: the prompt column supplies the user turn.
+        if c[0]["role"] == "assistant":
+            c = prompt + c
+        if r[0]["role"] == "assistant":
+            r = prompt + r
+        return [(c, r)]
+
+    def row_margin(self, cols: dict[str, list[Any]], i: int, cfg: DataConfig) -> float | None:
+        if not cfg.margin_from_scores:
+            return None
+        return float(cols["score_chosen"][i]) - float(cols["score_rejected"][i])
+
+
+class HHRLHF(_PairFormat):
+    """Anthropic HH-RLHF transcripts: chosen / rejected strings of
+    ``\\n\\nHuman: ...\\n\\nAssistant: ...`` turns (the shared leading turns are the prompt)."""
+
+    name = "hh_rlhf"
+    required: ClassVar[tuple[str, ...]] = ("chosen", "rejected")
+    checks: ClassVar[dict[str, Check]] = dict.fromkeys(required, check_transcript)
+    example: ClassVar[dict[str, Any]] = {
+        "chosen": "\n\nHuman: How do I bake bread?\n\nAssistant: Mix flour, water, yeast ...",
+        "rejected": "\n\nHuman: How do I bake bread?\n\nAssistant: Buy some.",
+    }
+
+    def conversations(
+        self, cols: dict[str, list[Any]], i: int
+    ) -> list[tuple[Conversation, Conversation]]:
+        return [(parse_transcript(cols["chosen"][i]), parse_transcript(cols["rejected"][i]))]
+
+
+class RewardBench(Standard):
+    """RewardBench's flat evaluation format: prompt, chosen, rejected strings and subset."""
+
+    name = "rewardbench"
+    required: ClassVar[tuple[str, ...]] = ("prompt", "chosen", "rejected", "subset")
+    checks: ClassVar[dict[str, Check]] = dict.fromkeys(required, check_text)
+    example: ClassVar[dict[str, Any]] = {**Standard.example, "subset": "alpacaeval-easy"}
+
+
+class RMBench(_PairFormat):
+    """RM-Bench: chosen / rejected are lists of style variants of one answer; every
+    (chosen variant, rejected variant) combination is a pair (RM-Bench's 3 x 3 matrix)."""
+
+    name = "rmbench"
+    required: ClassVar[tuple[str, ...]] = ("prompt", "chosen", "rejected")
+    checks: ClassVar[dict[str, Check]] = {
+        "prompt": check_text,
+        "chosen": check_text_list,
+        "rejected": check_text_list,
+    }
+    example: ClassVar[dict[str, Any]] = {
+        "prompt": "How do I bake bread?",
+        "chosen": ["Mix flour, ...", "Mix flour, water, ... (detailed)", "## Steps\n1. Mix ..."],
+        "rejected": ["Buy some.", "Buy some bread (detailed)", "## Answer\nBuy some."],
+        "subset": "chat",
+    }
+
+    def conversations(
+        self, cols: dict[str, list[Any]], i: int
+    ) -> list[tuple[Conversation, Conversation]]:
+        p = cols["prompt"][i]
+        return [
+            (exchange(p, c), exchange(p, r)) for c in cols["chosen"][i] for r in cols["rejected"][i]
+        ]
+
+
+# Most specific first: among formats a row fully matches, the first one wins.
+ADAPTERS: tuple[Schema, ...] = (
+    PkuSafeRLHF(),
+    UltraFeedback(),
+    Conversational(),
+    ConversationalImplicit(),
+    RMBench(),
+    RewardBench(),
+    HHRLHF(),
+    Standard(),
+    StandardImplicit(),
+)
+BY_NAME = {a.name: a for a in ADAPTERS}
+assert tuple(BY_NAME) == FORMATS[1:], "rmtrain.config.FORMATS lists the adapters"
+
+
+def accepted() -> str:
+    return "; ".join(f"{a.name}: {', '.join(a.required)}" for a in ADAPTERS)
+
+
+def resolve(
+    fmt: str, label: str, columns: Iterable[str], first_row: dict[str, Any] | None
+) -> Schema:
+    """The adapter for a file: the forced one (`fmt` != "auto"), else the first that the
+    columns and the first row's values fully match, else the nearest (whose check then names
+    the missing column or bad cell); an error listing the formats when nothing is near."""
+    if fmt != "auto":
+        return BY_NAME[fmt]
+    cols = set(columns) - {"_source", "_row"}
+    row = {k: v for k, v in (first_row or {}).items() if k in cols}
+    if not row:
+        row = dict.fromkeys(cols, None)
+    for a in ADAPTERS:
+        if a.score(row) == len(a.required):
+            return a
+
+    # Nearest: most required columns present (valid first-row values break ties), fewest needs.
+    def nearness(a: Schema) -> tuple[int, int, int]:
+        return (len(cols & set(a.required)), a.score(row), -len(a.required))
+
+    best = max(ADAPTERS, key=nearness)
+    if nearness(best)[0] == 0 or nearness(best)[0] < len(best.required) - 1:
+        raise DataError(
+            f"{label}: unrecognised layout (columns: {', '.join(sorted(cols)) or 'none'}); "
+            f"accepted formats and the columns each needs: {accepted()} "
+            "(set data.format to force one)"
+        )
+    return best
