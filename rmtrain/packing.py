@@ -34,6 +34,7 @@ on every rank and exact per-pair loss weights (see their docstrings).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, TypedDict
@@ -133,6 +134,42 @@ def pack_sequences(
         max_seqlen=max(segments),
         num_real_tokens=sum(lens),
     )
+
+
+def balanced_row_tokens(lengths: Sequence[int], rows_of_longest: float = 1.5) -> int:
+    """A `max_row_tokens` for `pack_sequences` that wastes little on row tails.
+
+    Rows about `rows_of_longest` x the longest sequence wide (attention with a dense
+    block-diagonal mask costs O(width^2) per row), but the width is then shrunk to the total
+    divided evenly over that many rows, grown by 1 % until first-fit decreasing fits -- so the
+    rows come out nearly equally full (on long-tailed PKU-like lengths, 16 pairs per micro-batch:
+    ~97.5 % real tokens instead of ~93 % with rows of exactly the longest sequence)."""
+    longest, total = max(lengths), sum(lengths)
+    rows = max(1, math.ceil(total / (rows_of_longest * longest)))
+    width = max(longest, math.ceil(total / rows))
+    while len(_first_fit_decreasing(lengths, width)) > rows:
+        width += max(1, width // 100)
+    return width
+
+
+def unpack_index(packed: PackedBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    """(index [N, L], mask [N, L]) that turn a packed `[R, T, ...]` tensor, flattened to
+    `[R * T, ...]`, into right-padded per-sequence views (L = longest sequence), as `unpack`."""
+    lens = packed["seq_lens"]
+    width = int(lens.max())
+    cols = torch.arange(width)
+    mask = cols[None, :] < lens[:, None]
+    base = packed["seq_row"] * packed["input_ids"].size(1) + packed["seq_starts"]
+    index = torch.where(mask, base[:, None] + cols[None, :], torch.zeros((), dtype=torch.long))
+    return index, mask
+
+
+def unpack(values: torch.Tensor, index: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Right-padded `[N, L, ...]` view of packed `values` `[R, T, ...]`; padding is 0
+    (differentiable: gradients flow back to the packed positions)."""
+    flat = values.flatten(0, 1)[index.to(values.device)]
+    keep = mask.to(values.device).view(*mask.shape, *([1] * (flat.dim() - 2)))
+    return torch.where(keep, flat, torch.zeros((), dtype=flat.dtype, device=flat.device))
 
 
 @dataclass
