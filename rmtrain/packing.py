@@ -136,20 +136,50 @@ def pack_sequences(
     )
 
 
-def balanced_row_tokens(lengths: Sequence[int], rows_of_longest: float = 1.5) -> int:
-    """A `max_row_tokens` for `pack_sequences` that wastes little on row tails.
-
-    Rows about `rows_of_longest` x the longest sequence wide (attention with a dense
-    block-diagonal mask costs O(width^2) per row), but the width is then shrunk to the total
-    divided evenly over that many rows, grown by 1 % until first-fit decreasing fits -- so the
-    rows come out nearly equally full (on long-tailed PKU-like lengths, 16 pairs per micro-batch:
-    ~97.5 % real tokens instead of ~93 % with rows of exactly the longest sequence)."""
-    longest, total = max(lengths), sum(lengths)
-    rows = max(1, math.ceil(total / (rows_of_longest * longest)))
-    width = max(longest, math.ceil(total / rows))
+def _fitted_width(lengths: Sequence[int], rows: int) -> int:
+    """The narrowest width (grown in 1 % steps from total / rows) that first-fit decreasing
+    packs into `rows` rows."""
+    width = max(max(lengths), math.ceil(sum(lengths) / rows))
     while len(_first_fit_decreasing(lengths, width)) > rows:
         width += max(1, width // 100)
     return width
+
+
+def balanced_row_tokens(
+    lengths: Sequence[int], token_cost: float = 1536.0, min_real_fraction: float = 0.97
+) -> int:
+    """A `max_row_tokens` for `pack_sequences`: nearly equally full rows, as few or as many as
+    make the step cheapest.
+
+    With a dense block-diagonal mask (sdpa/eager) a row of width W costs about W x (token_cost
+    + W): `token_cost` is a token's non-attention work in units of one attention column
+    (`row_token_cost(config)`, ~6 x hidden for LLaMA shapes). Wide rows waste little on row
+    tails but pay for masked attention; narrow rows the reverse. Candidates: rows about
+    1-4 x the longest sequence wide, each shrunk to the total divided evenly over its rows (so
+    rows come out nearly equally full: on long-tailed PKU-like lengths with 16 pairs per
+    micro-batch ~97 % real tokens, against ~93 % for rows of exactly the longest sequence).
+    The cheapest candidate with at least `min_real_fraction` real tokens wins; if none has
+    that many, the cheapest of all."""
+    longest, total = max(lengths), sum(lengths)
+    candidates: list[tuple[bool, float, int]] = []
+    for factor in (1.0, 1.25, 1.5, 2.0, 3.0, 4.0):
+        rows = max(1, math.ceil(total / (factor * longest)))
+        width = _fitted_width(lengths, rows)
+        fed = len(_first_fit_decreasing(lengths, width)) * width
+        candidates.append((total / fed < min_real_fraction, fed * (token_cost + width), width))
+        if rows == 1:
+            break
+    return min(candidates)[2]
+
+
+def row_token_cost(config: Any) -> float:
+    """`balanced_row_tokens`' token_cost for a LLaMA config: per token and layer, the
+    projections' and MLP's multiply-adds over the attention's per column (2 x heads x head_dim)."""
+    h = config.hidden_size
+    head_dim = getattr(config, "head_dim", None) or h // config.num_attention_heads
+    q, kv = config.num_attention_heads * head_dim, config.num_key_value_heads * head_dim
+    linear = h * (2 * q + 2 * kv) + 3 * h * config.intermediate_size
+    return float(linear / (2 * q))
 
 
 def unpack_index(packed: PackedBatch) -> tuple[torch.Tensor, torch.Tensor]:

@@ -27,7 +27,13 @@ from rmtrain.config import Config, ConfigError
 from rmtrain.engine import Engine, all_reduce_sum
 from rmtrain.loggers import MetricLogger
 from rmtrain.losses import PairScores, TokenScores, compute_loss, needs_token_scores, pair_metrics
-from rmtrain.packing import balanced_row_tokens, pack_sequences, unpack, unpack_index
+from rmtrain.packing import (
+    balanced_row_tokens,
+    pack_sequences,
+    row_token_cost,
+    unpack,
+    unpack_index,
+)
 
 Collate = Callable[[list[dict[str, Any]]], dict[str, torch.Tensor]]
 
@@ -292,11 +298,13 @@ class Trainer:
         self, batch: dict[str, torch.Tensor], rows: list[dict[str, Any]]
     ) -> tuple[dict[str, torch.Tensor], PairScores]:
         """The micro-batch's 2B sequences packed into rows (one row for flash-attention's varlen
-        path, else nearly equally full rows ~1.5x the longest sequence wide)."""
+        path, else nearly equally full rows of the cheapest width, `balanced_row_tokens`)."""
         seqs = [r["chosen_input_ids"] for r in rows] + [r["rejected_input_ids"] for r in rows]
+        config = self.engine.module.config
         one_row = "flash" in self.cfg.model.attn_implementation
-        width = None if one_row else balanced_row_tokens([len(x) for x in seqs])
-        pad_id = getattr(self.engine.module.config, "pad_token_id", None) or 0
+        cost = row_token_cost(config)
+        width = None if one_row else balanced_row_tokens([len(x) for x in seqs], cost)
+        pad_id = getattr(config, "pad_token_id", None) or 0
         packed = pack_sequences(seqs, max_row_tokens=width, pad_token_id=pad_id)
         out = self.engine.forward(
             input_ids=packed["input_ids"],
