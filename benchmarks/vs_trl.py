@@ -489,9 +489,14 @@ def main() -> None:
             first.setdefault(name, result["losses"][: args.check_steps])
             s = summaries[name][-1]
             print(
-                f"  repeat {rep} {name:>7}: {s['tokens_per_s']:8.0f} tok/s  "
+                f"  repeat {rep} {name:>14}: {s['tokens_per_s']:8.0f} tok/s  "
                 f"{s['step_s'] * 1000:7.1f} ms/step  real {s['real_frac']:.3f}  "
-                f"rss {s['peak_rss_mb']:.0f} MB  {result.get('optimizer', '')}",
+                f"rss {s['peak_rss_mb']:.0f} MB  {result.get('optimizer', '')}"
+                + (
+                    f"  launch-to-first-step {first_step:.1f}s"
+                    if (first_step := result.get("launch_to_first_step_s"))
+                    else ""
+                ),
                 flush=True,
             )
 
@@ -501,9 +506,9 @@ def main() -> None:
     for name, losses in first.items():
         diff = max(abs(a - b) for a, b in zip(losses, first[base], strict=True))
         ok &= diff <= args.check_tol
-        print(f"  {name:>7}: {' '.join(f'{x:.6f}' for x in losses)}  max|diff| {diff:.2e}")
+        print(f"  {name:>14}: {' '.join(f'{x:.6f}' for x in losses)}  max|diff| {diff:.2e}")
 
-    print(f"\n{'run':>7} {'tok/s':>9} {'ms/step':>9} {'real frac':>9} {'peak RSS MB':>11} "
+    print(f"\n{'run':>14} {'tok/s':>9} {'ms/step':>9} {'real frac':>9} {'peak RSS MB':>11} "
           f"{'tok/s vs ' + base:>14} {'RSS vs ' + base:>11}")  # fmt: skip
     med = {
         name: {k: statistics.median(s[k] for s in rows) for k in rows[0]}
@@ -511,7 +516,7 @@ def main() -> None:
     }
     for name, m in med.items():
         print(
-            f"{name:>7} {m['tokens_per_s']:9.0f} {m['step_s'] * 1000:9.1f} {m['real_frac']:9.3f} "
+            f"{name:>14} {m['tokens_per_s']:9.0f} {m['step_s'] * 1000:9.1f} {m['real_frac']:9.3f} "
             f"{m['peak_rss_mb']:11.0f} {m['tokens_per_s'] / med[base]['tokens_per_s']:14.2f} "
             f"{m['peak_rss_mb'] / med[base]['peak_rss_mb']:11.2f}"
         )
