@@ -125,7 +125,6 @@ TB = [f"trainer.max_tokens_per_micro_batch={TOKEN_BUDGET}"]
 TB_BASELINE = "tb_z0_a4"
 VARIANTS |= {
     TB_BASELINE: ([*TB, "deepspeed=zero0", "trainer.gradient_accumulation_steps=4"], 1),
-    "tb_p_z2_a4": ([*TB, *PACKED, "deepspeed=zero2", "trainer.gradient_accumulation_steps=4"], 1),
     "tb_p_w2_z3_a2": (
         [*TB, *PACKED, "deepspeed=zero3", *Z3, "trainer.gradient_accumulation_steps=2"],
         2,
