@@ -61,7 +61,7 @@ def test_beaver_reward_is_the_published_recipe() -> None:
     "name", ["beaver_reward", "beaver_cost", "llama7b_pku_zero3", "fsfairx_llama3_rm"]
 )
 def test_real_scale_presets_pack(name: str) -> None:
-    assert to_config(compose_preset(name)).trainer.packing
+    assert to_config(compose_preset(name, ["model.name_or_path=x"])).trainer.packing
 
 
 def test_fsfairx_llama3_rm_is_the_rlhflow_recipe() -> None:
