@@ -20,8 +20,9 @@ across sequences; the test suite checks both):
   it off) -- and a cache disables packed-sequence detection.
 
 The sdpa/eager mask is dense: attention still costs O(T^2) per row, with the cross-sequence part
-masked rather than skipped. Packing into a few rows of moderate length (`max_row_tokens` about 2-4x
-the longest sequence) keeps that cost close to the padded batch's. The flash-attention kernels take
+masked rather than skipped. Packing into a few nearly full rows of moderate width
+(`balanced_row_tokens`: 1-4x the longest sequence, whichever is cheapest) keeps that cost at or
+below the padded batch's. The flash-attention kernels take
 the varlen path from `position_ids` only when the batch has ONE row (`_is_packed_sequence` checks
 `batch_size == 1`); with several rows they would run plain causal attention, so `packed_forward`
 refuses flash implementations with more than one row. `cu_seqlens`/`max_seqlen` are what those
