@@ -3,8 +3,9 @@
     python benchmarks/throughput.py [--steps 40] [--nproc 1 2] [--stages 0 2 3] [extra overrides]
 
 Each configuration is a real `rmtrain train` run on this machine's CPU (one process, or
-launch/cpu.sh for several gloo ranks; it does not start GPU launchers). tokens/s is the median of `train/tokens_per_s`
-(non-pad tokens of all ranks per optimizer step, wall clock) over the steps after the first five.
+launch/cpu.sh for several gloo ranks; it does not start GPU launchers). tokens/s is the median
+of `train/tokens_per_s` (non-pad tokens of all ranks per optimizer step, wall clock) over the
+steps after the first five.
 """
 
 from __future__ import annotations

@@ -1,25 +1,28 @@
-"""Side by side: TRL's RewardTrainer vs a padded and a packed (padding-free) plain-torch loop.
+"""Side by side: TRL's RewardTrainer vs rmtrain's trainer, padded and padding-free (packed).
 
     python benchmarks/vs_trl.py [--pairs 512] [--steps 24] [--warmup 4] [--repeats 3]
-                                [--threads N] [--row-tokens 1024] [--runs trl padded packed]
+                                [--threads N] [--zero 0] [--runs trl rmtrain-padded rmtrain-packed]
 
 All runs train the same saved LLaMA score model (hidden 256, 4 layers, ~6M parameters, fp32, sdpa,
 no gradient checkpointing) on the same token-id pairs in the same batches: 16 pairs per optimizer
 step, taken in order from one seeded permutation (TRL with `train_sampling_strategy="sequential"`
-on the dataset stored in that order). Optimizer everywhere: fused AdamW (TRL: `adamw_torch_fused`),
-constant lr, no weight decay, gradient clipping at 1.0 (the Trainer default).
+on the dataset stored in that order). Optimizer everywhere: fused AdamW (TRL: `adamw_torch_fused`,
+rmtrain: its client torch AdamW, fused), constant lr, no weight decay, gradient clipping at 1.0.
 
-* trl     -- `trl.RewardTrainer`: `[2B, L]` right-padded (chosen then rejected), score at the last
-             non-pad token, pairs longer than `max_length` dropped (none are: max_length=512).
-* padded  -- the same layout in a plain loop (`rmtrain.packing.padded_scores`).
-* packed  -- `run_rmtrain`: for now a plain packed loop (`rmtrain.packing.packed_scores`, rows of
-             `--row-tokens`); to be wired to rmtrain's trainer.
+* trl            -- `trl.RewardTrainer`: `[2B, L]` right-padded (chosen then rejected), score at
+                    the last non-pad token, pairs longer than `max_length` dropped (none are).
+* rmtrain-padded -- rmtrain's `Trainer.fit` on a DeepSpeed engine (ZeRO `--zero`, one rank),
+                    `trainer.packing=false`: `[2B, L]` right-padded.
+* rmtrain-packed -- the same with `trainer.packing=true`: the 32 sequences packed into nearly full
+                    rows with position_ids restarting per sequence (block-diagonal sdpa mask).
+* torch-padded / torch-packed -- plain torch loops (`rmtrain.packing.padded_scores` /
+                    `packed_scores`, rows of `--row-tokens`), for reference; not run by default.
 
 Each run is its own process (clean peak RSS), the order of runs alternates between repeats, and
 the table shows medians over repeats. tokens/s counts real (non-pad) tokens over the steps after
 `--warmup`; "real frac" is real tokens / tokens in the tensors fed to the model. The first
 `--check-steps` losses of every run must match TRL's (same weights, data and optimizer).
-Timings mean something only on an otherwise idle machine.
+Timings mean something only on an otherwise idle machine. Needs the `bench` extra (trl).
 """
 
 from __future__ import annotations
@@ -46,7 +49,7 @@ MAX_LENGTH = 512  # TRL's max_length: above every sequence, so TRL drops no pair
 LENGTH_RANGE = (46, 454)
 LENGTH_MEDIAN = 129
 LENGTH_SIGMA = 0.5
-RUNS = ("trl", "padded", "packed")
+RUNS = ("trl", "rmtrain-padded", "rmtrain-packed")  # default; also torch-padded/-packed
 
 Pair = tuple[list[int], list[int]]
 Result = dict[str, Any]
@@ -273,22 +276,121 @@ def torch_loop(
     }
 
 
-def run_rmtrain(workdir: Path, pairs: list[Pair], batches: list[list[int]], args: Any) -> Result:
-    """>>> rmtrain STAND-IN: wire this to rmtrain's trainer (issue 11). <<<
+class FixedPlan:
+    """The `rmtrain.batching.BatchPlan` interface over the benchmark's fixed batches: one
+    micro-batch per step, each pair weighted 1/n so the loss is the step's mean (as BatchPlan)."""
 
-    Must train `load_model(workdir)` on `batches` (lists of indices into `pairs`, one optimizer
-    step each, chosen = pairs[i][0], rejected = pairs[i][1]) with lr `args.lr`, constant schedule,
-    fused AdamW, clip 1.0, fp32, and return {"losses": per-step mean pair loss, "step_s": per-step
-    wall seconds, "fed_tokens": per-step tokens in the tensors fed to the model}.
-    For now: the plain packed loop.
-    """
-    return torch_loop(workdir, pairs, batches, args, packed=True)
+    def __init__(self, batches: list[list[int]]) -> None:
+        self.batches = batches
+        self.steps_per_epoch = len(batches)
+
+    def total_steps(self, max_steps: int | None, epochs: int) -> int:
+        return len(self.batches)
+
+    def step(self, step: int) -> list[Any]:
+        from rmtrain.batching import MicroBatch
+
+        batch = self.batches[step]
+        return [MicroBatch(batch, [1.0 / len(batch)] * len(batch))]
+
+    def epoch_position(self, steps_done: int) -> float:
+        return steps_done / len(self.batches)
+
+    def data_order(self, step: int) -> dict[str, Any]:
+        return {"num_pairs": None, "global_batch": PAIRS_PER_STEP, "seed": None, "step": step}
+
+
+def run_rmtrain(
+    workdir: Path, pairs: list[Pair], batches: list[list[int]], args: Any, packing: bool
+) -> Result:
+    """rmtrain's real trainer (`rmtrain.trainer.Trainer.fit` on a DeepSpeed engine, ZeRO
+    `--zero`, world of one, fused torch AdamW) on `load_model(workdir)`'s weights and `batches`:
+    constant lr `args.lr`, clip 1.0, fp32, sdpa; `packing` = trainer.packing."""
+    import datasets
+    import torch
+
+    from rmtrain import engine
+    from rmtrain.config import to_config
+    from rmtrain.data.collate import collate_pairs
+    from rmtrain.model import LlamaScoreModel
+    from rmtrain.trainer import Trainer
+
+    os.environ["OMP_NUM_THREADS"] = str(args.threads)  # else init_distributed picks cores/ranks
+    cfg = to_config(
+        {
+            "model": {"name_or_path": str(workdir / "model"), "attn_implementation": "sdpa"},
+            "deepspeed": {"stage": args.zero, "optimizer": "torch"},
+            "trainer": {
+                "packing": packing,
+                "micro_batch_size": PAIRS_PER_STEP,
+                "lr": args.lr,
+                "adam_beta2": 0.999,
+                "warmup_ratio": 0.0,
+                "min_lr_ratio": 1.0,  # cosine to 1.0 x lr: constant, as the other runs
+                "grad_clip": 1.0,
+                "weight_decay": 0.0,
+                "precision": "fp32",
+                "eval_every": 0,
+                "log_every": 1,
+                "eval_batch_size": PAIRS_PER_STEP,
+            },
+        }
+    )
+    env = engine.init_distributed(cfg.deepspeed.timeout_s)
+    torch.manual_seed(args.seed)
+    model = LlamaScoreModel.from_pretrained(
+        workdir / "model", dtype=torch.float32, attn_implementation="sdpa"
+    )
+    plan = FixedPlan(batches)
+    eng = engine.Engine(model, cfg, engine.build_ds_config(cfg), env, len(batches))
+    columns = {
+        "chosen_input_ids": [c for c, _ in pairs],
+        "rejected_input_ids": [r for _, r in pairs],
+        "chosen_unsafe": [False] * len(pairs),
+        "rejected_unsafe": [False] * len(pairs),
+        "margin": [0.0] * len(pairs),
+    }
+    train_pairs = datasets.Dataset.from_dict(columns)
+    eval_pairs = train_pairs.select(range(PAIRS_PER_STEP))
+
+    def collate(rows: list[dict[str, Any]]) -> dict[str, Any]:
+        return collate_pairs(rows, PAD_ID, "right")
+
+    logged: list[dict[str, Any]] = []
+
+    class Capture:
+        def log(self, metrics: dict[str, Any], step: int) -> None:
+            logged.append({"step": step, **metrics})
+
+        def close(self) -> None:
+            pass
+
+    trainer = Trainer(cfg, eng, plan, train_pairs, eval_pairs, collate, Capture())  # type: ignore[arg-type]
+    trainer.fit()
+    eng.close()
+    steps = [m for m in logged if "train/loss" in m]
+    opt: Any = eng.ds.optimizer
+    opt = getattr(opt, "optimizer", opt)
+    return {
+        "losses": [m["train/loss"] for m in steps],
+        "step_s": [m["train/step_time_s"] for m in steps],
+        "fed_tokens": [
+            round(
+                m["train/tokens_per_s"] * m["train/step_time_s"] / (1 - m["train/padded_fraction"])
+            )
+            for m in steps
+        ],
+        "launch_to_first_step_s": steps[0].get("time/launch_to_first_step_s"),
+        "optimizer": f"{type(opt).__name__}(fused={opt.defaults.get('fused')})",
+    }
 
 
 WORKERS: dict[str, Callable[[Path, list[Pair], list[list[int]], Any], Result]] = {
     "trl": run_trl,
-    "padded": lambda w, p, b, a: torch_loop(w, p, b, a, packed=False),
-    "packed": run_rmtrain,
+    "rmtrain-padded": lambda w, p, b, a: run_rmtrain(w, p, b, a, packing=False),
+    "rmtrain-packed": lambda w, p, b, a: run_rmtrain(w, p, b, a, packing=True),
+    "torch-padded": lambda w, p, b, a: torch_loop(w, p, b, a, packed=False),
+    "torch-packed": lambda w, p, b, a: torch_loop(w, p, b, a, packed=True),
 }
 
 
@@ -310,7 +412,7 @@ def worker(name: str, args: Any) -> None:
 
 def launch(name: str, args: Any) -> Result:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", name]
-    for key in ("workdir", "threads", "lr", "seed", "row_tokens"):
+    for key in ("workdir", "threads", "lr", "seed", "row_tokens", "zero"):
         cmd += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
     env = {
         **os.environ,
@@ -354,7 +456,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--check-steps", type=int, default=3)
     parser.add_argument("--check-tol", type=float, default=1e-4)
-    parser.add_argument("--runs", nargs="+", default=list(RUNS), choices=RUNS)
+    parser.add_argument("--runs", nargs="+", default=list(RUNS), choices=list(WORKERS))
+    parser.add_argument("--zero", type=int, default=0, choices=(0, 1, 2, 3), help="rmtrain's stage")
     parser.add_argument("--workdir", default=None)
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -386,9 +489,14 @@ def main() -> None:
             first.setdefault(name, result["losses"][: args.check_steps])
             s = summaries[name][-1]
             print(
-                f"  repeat {rep} {name:>7}: {s['tokens_per_s']:8.0f} tok/s  "
+                f"  repeat {rep} {name:>14}: {s['tokens_per_s']:8.0f} tok/s  "
                 f"{s['step_s'] * 1000:7.1f} ms/step  real {s['real_frac']:.3f}  "
-                f"rss {s['peak_rss_mb']:.0f} MB  {result.get('optimizer', '')}",
+                f"rss {s['peak_rss_mb']:.0f} MB  {result.get('optimizer', '')}"
+                + (
+                    f"  launch-to-first-step {first_step:.1f}s"
+                    if (first_step := result.get("launch_to_first_step_s"))
+                    else ""
+                ),
                 flush=True,
             )
 
@@ -398,9 +506,9 @@ def main() -> None:
     for name, losses in first.items():
         diff = max(abs(a - b) for a, b in zip(losses, first[base], strict=True))
         ok &= diff <= args.check_tol
-        print(f"  {name:>7}: {' '.join(f'{x:.6f}' for x in losses)}  max|diff| {diff:.2e}")
+        print(f"  {name:>14}: {' '.join(f'{x:.6f}' for x in losses)}  max|diff| {diff:.2e}")
 
-    print(f"\n{'run':>7} {'tok/s':>9} {'ms/step':>9} {'real frac':>9} {'peak RSS MB':>11} "
+    print(f"\n{'run':>14} {'tok/s':>9} {'ms/step':>9} {'real frac':>9} {'peak RSS MB':>11} "
           f"{'tok/s vs ' + base:>14} {'RSS vs ' + base:>11}")  # fmt: skip
     med = {
         name: {k: statistics.median(s[k] for s in rows) for k in rows[0]}
@@ -408,7 +516,7 @@ def main() -> None:
     }
     for name, m in med.items():
         print(
-            f"{name:>7} {m['tokens_per_s']:9.0f} {m['step_s'] * 1000:9.1f} {m['real_frac']:9.3f} "
+            f"{name:>14} {m['tokens_per_s']:9.0f} {m['step_s'] * 1000:9.1f} {m['real_frac']:9.3f} "
             f"{m['peak_rss_mb']:11.0f} {m['tokens_per_s'] / med[base]['tokens_per_s']:14.2f} "
             f"{m['peak_rss_mb'] / med[base]['peak_rss_mb']:11.2f}"
         )

@@ -10,14 +10,24 @@ DeepSpeed divides the loss by the accumulation steps and averages gradients over
 weighted sum each micro-batch back-propagates yields exactly the mean over the global batch,
 however it is split. A micro-batch left empty by a short last batch gets one pair with weight 0,
 so every rank runs the same number of forward passes (ZeRO-3 gathers parameters collectively).
+
+`TokenBudgetPlan` is the token-budget alternative (`trainer.max_tokens_per_micro_batch`): the
+micro-batches hold about the same number of real tokens instead of the same number of pairs
+(`rmtrain.packing.token_budget_batches`), a step takes world x accumulation of them, and each
+pair weighs world x accumulation / n_step as above, so the loss is again the exact mean over the
+step's pairs.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
+
+from rmtrain.packing import token_budget_batches, token_budget_steps
 
 
 @dataclass(frozen=True)
@@ -58,6 +68,10 @@ class BatchPlan:
             "batch_in_epoch": batch_in_epoch,
         }
 
+    def epoch_position(self, steps_done: int) -> float:
+        """Epochs completed after `steps_done` steps (fractional)."""
+        return steps_done / self.steps_per_epoch
+
     def permutation(self, epoch: int) -> list[int]:
         gen = torch.Generator().manual_seed(self.seed + epoch)
         return torch.randperm(self.num_pairs, generator=gen).tolist()
@@ -77,6 +91,81 @@ class BatchPlan:
             else:
                 out.append(MicroBatch([batch[0]], [0.0]))
         return out
+
+
+@dataclass
+class TokenBudgetPlan:
+    """Token-budget micro-batches: the `BatchPlan` interface for variable pairs per step.
+
+    Epoch e's micro-batches are `token_budget_batches(lengths, max_tokens, seed, e, window)`; a
+    step takes the next world x accumulation of them (`token_budget_steps`), so every rank runs
+    `accumulation` passes per step and the steps per epoch are the same on every rank. The
+    number of steps can differ between epochs (the bins depend on the permutation).
+    """
+
+    lengths: Sequence[int]  # tokens of each pair (chosen + rejected)
+    max_tokens: int
+    accumulation: int
+    world_size: int
+    rank: int
+    seed: int
+    window: int = 1024
+    _cache: dict[int, list[list[MicroBatch]]] = field(default_factory=dict, repr=False)
+
+    @property
+    def num_pairs(self) -> int:
+        return len(self.lengths)
+
+    def epoch_steps(self, epoch: int) -> list[list[MicroBatch]]:
+        """This rank's micro-batches of every step of `epoch` (the last two epochs cached)."""
+        if epoch not in self._cache:
+            batches = token_budget_batches(
+                self.lengths, self.max_tokens, self.seed, epoch, self.window
+            )
+            steps = token_budget_steps(batches, self.world_size, self.accumulation, self.rank)
+            if len(self._cache) >= 2:
+                self._cache.pop(min(self._cache))
+            self._cache[epoch] = [[MicroBatch(m.indices, m.weights) for m in st] for st in steps]
+        return self._cache[epoch]
+
+    @property
+    def steps_per_epoch(self) -> int:
+        """Steps of the first epoch (later epochs may differ by a step or so)."""
+        return len(self.epoch_steps(0))
+
+    def total_steps(self, max_steps: int | None, epochs: int) -> int:
+        if max_steps is not None:
+            return max_steps
+        return sum(len(self.epoch_steps(e)) for e in range(epochs))
+
+    def _locate(self, step: int) -> tuple[int, int]:
+        epoch = 0
+        while step >= (n := len(self.epoch_steps(epoch))):
+            step -= n
+            epoch += 1
+        return epoch, step
+
+    def epoch_position(self, steps_done: int) -> float:
+        epoch, within = self._locate(steps_done)
+        return epoch + within / len(self.epoch_steps(epoch))
+
+    def data_order(self, step: int) -> dict[str, Any]:
+        """Where a run is in its data; the token budget and window fix the batches too."""
+        epoch, batch_in_epoch = self._locate(step)
+        return {
+            "num_pairs": self.num_pairs,
+            "global_batch": None,  # pairs per step vary
+            "micro_batches_per_step": self.world_size * self.accumulation,
+            "max_tokens_per_micro_batch": self.max_tokens,
+            "window": self.window,
+            "seed": self.seed,
+            "epoch": epoch,
+            "batch_in_epoch": batch_in_epoch,
+        }
+
+    def step(self, step: int) -> list[MicroBatch]:
+        epoch, within = self._locate(step)
+        return self.epoch_steps(epoch)[within]
 
 
 def split_evenly(items: list[int], parts: int) -> list[list[int]]:

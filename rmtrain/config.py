@@ -361,6 +361,19 @@ class TrainerConfig:
     """Write the transformers export at the end of training."""
     export_max_shard_size: str = "5GB"
     """Shard size of the exported safetensors ("5GB", "200KB", or bytes)."""
+    packing: bool = False
+    """Padding-free micro-batches: the chosen and rejected sequences of a micro-batch are
+    concatenated into rows with position_ids restarting per sequence (attention stays inside each
+    sequence: block-diagonal masks for sdpa/eager, flash-attention varlen with one row). Same
+    scores and losses as the padded path, without computing on padding."""
+    max_tokens_per_micro_batch: int | None = None
+    """Token-budget micro-batches: group pairs (length-aware, deterministic from the seed, every
+    pair once per epoch) so each micro-batch holds at most this many real tokens (chosen +
+    rejected); the pairs per step then vary, the loss stays the exact mean over a step's pairs.
+    None: micro_batch_size pairs per micro-batch."""
+    peak_tflops: float | None = None
+    """Peak TFLOP/s of one device for train/mfu; None: a table of known GPUs' dense bf16 peaks
+    (no MFU on CPU or an unknown GPU)."""
 
     def __post_init__(self) -> None:
         _choice("trainer.precision", self.precision, ("fp32", "bf16"))
@@ -375,6 +388,10 @@ class TrainerConfig:
             raise ConfigError("trainer.warmup_ratio must be in [0, 1)")
         if self.keep_last < 1:
             raise ConfigError("trainer.keep_last must be >= 1")
+        if self.max_tokens_per_micro_batch is not None and self.max_tokens_per_micro_batch < 16:
+            raise ConfigError("trainer.max_tokens_per_micro_batch must be >= 16 (or null)")
+        if self.peak_tflops is not None and self.peak_tflops <= 0:
+            raise ConfigError("trainer.peak_tflops must be > 0 (or null)")
 
 
 @dataclass

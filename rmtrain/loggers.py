@@ -31,11 +31,17 @@ class ConsoleSink:
 
     def log(self, metrics: dict[str, Any], step: int) -> None:
         if "train/loss" in metrics:
-            self.bar.set_postfix(
-                loss=f"{metrics['train/loss']:.4f}",
-                acc=f"{metrics.get('train/accuracy', 0):.3f}",
-                refresh=False,
-            )
+            postfix = {
+                "loss": f"{metrics['train/loss']:.4f}",
+                "acc": f"{metrics.get('train/accuracy', 0):.3f}",
+            }
+            if "train/tokens_per_s" in metrics:
+                postfix["tok/s"] = f"{metrics['train/tokens_per_s']:.0f}"
+            if "train/padded_fraction" in metrics:
+                postfix["pad"] = f"{metrics['train/padded_fraction']:.2f}"
+            if "train/mfu" in metrics:
+                postfix["mfu"] = f"{metrics['train/mfu']:.1%}"
+            self.bar.set_postfix(postfix, refresh=False)
         self.bar.update(step - self.bar.n)
         evals = {k: v for k, v in metrics.items() if k.startswith("eval/")}
         if evals:

@@ -101,26 +101,52 @@ class LlamaScoreModel(LlamaForSequenceClassification):
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         normalize: bool | str = False,
+        position_ids: torch.Tensor | None = None,
+        seq_row: torch.Tensor | None = None,
+        seq_end: torch.Tensor | None = None,
         **kwargs: object,
     ) -> ScoreModelOutput:
         """Scores at every position and at the last real token (attention mask 1).
 
+        Packed (padding-free) input: `position_ids` restarting at 0 for every sequence, no
+        `attention_mask`, and each sequence's last token given as (`seq_row`, `seq_end`); then
+        `end_scores` is `[N, 1]` in sequence order and `end_index` is `seq_end`. Attention stays
+        inside each sequence (see `rmtrain.packing`).
+
         `normalize=True` (or "eval" / "running") standardises `scores` and `end_scores` with the
         recorded statistics; off by default.
         """
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
-        hidden = self.model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids_from_mask(attention_mask),
-            use_cache=False,
-        ).last_hidden_state
+        packed = position_ids is not None and attention_mask is None
+        if packed:
+            if seq_row is None or seq_end is None:
+                raise ValueError("packed input needs seq_row and seq_end (each sequence's end)")
+            impl = str(getattr(self.config, "_attn_implementation", "eager"))
+            if "flash" in impl and input_ids.size(0) > 1:
+                raise ValueError(f"attention {impl!r} sees packed sequences only in ONE row")
+            # attention_mask=None and use_cache=False are both required for transformers to find
+            # the sequence boundaries in position_ids (rmtrain.packing's module docstring).
+            hidden = self.model(
+                input_ids=input_ids,
+                position_ids=position_ids,
+                attention_mask=None,
+                past_key_values=None,
+                use_cache=False,
+            ).last_hidden_state
+            rows, end_index = seq_row, seq_end
+        else:
+            if attention_mask is None:
+                attention_mask = torch.ones_like(input_ids)
+            hidden = self.model(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=position_ids_from_mask(attention_mask),
+                use_cache=False,
+            ).last_hidden_state
+            end_index = end_index_from_mask(attention_mask)
+            rows = torch.arange(hidden.size(0), device=hidden.device)
         scores = self.score(hidden)  # [B, L, 1]
         if normalize:
             scores = self.normalize_scores(scores, "eval" if normalize is True else str(normalize))
-        end_index = end_index_from_mask(attention_mask)
-        rows = torch.arange(hidden.size(0), device=hidden.device)
         return ScoreModelOutput(
             scores=scores,
             end_scores=scores[rows, end_index],

@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from transformers import set_seed
 
 from rmtrain import engine, hf, text
-from rmtrain.batching import BatchPlan
+from rmtrain.batching import BatchPlan, TokenBudgetPlan
 from rmtrain.card import write_export
 from rmtrain.checkpoint import Checkpointer, check_compatible, find_resume_point, read_marker
 from rmtrain.config import Config, ConfigError, register_schemas, to_config
@@ -39,6 +39,9 @@ CONFIG_DIR = next(
     for p in (Path(__file__).parent / "configs", Path(__file__).parents[1] / "configs")
     if p.is_dir()
 )
+
+
+SEQ_COLUMNS = ("chosen_input_ids", "rejected_input_ids")
 
 
 def main() -> None:
@@ -84,14 +87,7 @@ def run(dcfg: DictConfig) -> dict[str, float]:
         for warning in data.warnings:
             print(f"rmtrain: warning: {warning}", file=sys.stderr, flush=True)
     t = cfg.trainer
-    plan = BatchPlan(
-        len(train_pairs),
-        t.micro_batch_size,
-        t.gradient_accumulation_steps,
-        env.world_size,
-        env.rank,
-        t.seed,
-    )
+    plan = build_plan(cfg, train_pairs, env)
     steps = plan.total_steps(t.max_steps, t.epochs)
     eng = build_engine(cfg, env, tokenizer, steps)
 
@@ -196,6 +192,26 @@ def _brief(held: dict[str, Any]) -> str:
         n = sum(len(v) for v in rows.values())
         return f"eval_fraction={held['eval_fraction']} split_seed={held['split_seed']}, {n} rows"
     return ", ".join(f"{k}={v}" for k, v in held.items()) or "unrecorded"
+
+
+def build_plan(
+    cfg: Config, train_pairs: Dataset, env: engine.DistEnv
+) -> BatchPlan | TokenBudgetPlan:
+    """Which pairs each rank sees per step: micro_batch_size pairs per micro-batch, or
+    token-budget micro-batches (trainer.max_tokens_per_micro_batch)."""
+    t = cfg.trainer
+    accum, world = t.gradient_accumulation_steps, env.world_size
+    if t.max_tokens_per_micro_batch is None:
+        return BatchPlan(len(train_pairs), t.micro_batch_size, accum, world, env.rank, t.seed)
+    table = train_pairs.with_format("arrow")[:]
+    lengths = [
+        a + b
+        for a, b in zip(
+            *(table.column(k).combine_chunks().value_lengths().to_pylist() for k in SEQ_COLUMNS),
+            strict=True,
+        )
+    ]
+    return TokenBudgetPlan(lengths, t.max_tokens_per_micro_batch, accum, world, env.rank, t.seed)
 
 
 def build_engine(cfg: Config, env: engine.DistEnv, tokenizer: Any, steps: int) -> engine.Engine:

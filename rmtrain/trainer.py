@@ -2,6 +2,12 @@
 
 The trainer owns the loop state (step, running score statistics, last evaluation) and hands it
 to the checkpointer through `state_dict` / `load_state_dict`; it never writes files itself.
+
+With `trainer.packing` a micro-batch's chosen and rejected sequences are packed into a few rows
+(`rmtrain.packing`); end scores are read at each sequence's last token, and the per-token scores
+are unpacked into right-padded `[B, L]` views for the token-wise losses, so the losses and
+metrics see the same tensors as on the padded path. The pairs datasets are materialised once
+(`PairTable`), so a micro-batch is a few tensor slices rather than per-row dataset indexing.
 """
 
 from __future__ import annotations
@@ -11,14 +17,23 @@ import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
+import pyarrow as pa
 import torch
 from datasets import Dataset
 
-from rmtrain.batching import BatchPlan, MicroBatch, eval_shards
+from rmtrain import telemetry
+from rmtrain.batching import BatchPlan, MicroBatch, TokenBudgetPlan, eval_shards
 from rmtrain.config import Config, ConfigError
 from rmtrain.engine import Engine, all_reduce_sum
 from rmtrain.loggers import MetricLogger
 from rmtrain.losses import PairScores, TokenScores, compute_loss, needs_token_scores, pair_metrics
+from rmtrain.packing import (
+    balanced_row_tokens,
+    pack_sequences,
+    row_token_cost,
+    unpack,
+    unpack_index,
+)
 
 Collate = Callable[[list[dict[str, Any]]], dict[str, torch.Tensor]]
 
@@ -48,12 +63,45 @@ class RunningStats:
         self.mean, self.var, self.count = state["mean"], state["var"], int(state["count"])
 
 
+class PairTable:
+    """A pairs dataset materialised once: list columns as one flat tensor plus offsets, the other
+    columns as Python lists. `rows(indices)` returns what `dataset[i]` would (token ids as lists)
+    at the cost of a few slices, without arrow-to-Python conversion per row and micro-batch."""
+
+    def __init__(self, pairs: Dataset) -> None:
+        table: pa.Table = pairs.with_format("arrow")[:]  # respects an indices mapping
+        self.num_rows = table.num_rows
+        self.flat: dict[str, tuple[torch.Tensor, list[int]]] = {}
+        self.scalars: dict[str, list[Any]] = {}
+        for name in table.column_names:
+            column = table.column(name).combine_chunks()
+            if pa.types.is_list(column.type) or pa.types.is_large_list(column.type):
+                lengths = column.value_lengths().to_numpy(zero_copy_only=False)
+                values = torch.from_numpy(column.flatten().to_numpy(zero_copy_only=False).copy())
+                offsets = [0, *torch.from_numpy(lengths.astype("int64")).cumsum(0).tolist()]
+                self.flat[name] = (values.long(), offsets)
+            else:
+                self.scalars[name] = column.to_pylist()
+
+    def seq(self, name: str, i: int) -> torch.Tensor:
+        values, offsets = self.flat[name]
+        return values[offsets[i] : offsets[i + 1]]
+
+    def rows(self, indices: list[int]) -> list[dict[str, Any]]:
+        out = []
+        for i in indices:
+            row: dict[str, Any] = {k: v[i] for k, v in self.scalars.items()}
+            row.update({k: self.seq(k, i).tolist() for k in self.flat})
+            out.append(row)
+        return out
+
+
 class Trainer:
     def __init__(
         self,
         cfg: Config,
         engine: Engine,
-        plan: BatchPlan,
+        plan: BatchPlan | TokenBudgetPlan,
         train_pairs: Dataset,
         eval_pairs: Dataset,
         collate: Collate,
@@ -72,6 +120,8 @@ class Trainer:
         # the trained model scores, to check exports against.
         self.eval_samples: list[tuple[list[int], float]] = []
         self.checkpointer: Saver | None = None
+        self._tables: dict[int, tuple[Dataset, PairTable]] = {}
+        self._first_step_logged = False
 
     # -- loop -----------------------------------------------------------------------------------
     def fit(self) -> dict[str, float]:
@@ -103,12 +153,15 @@ class Trainer:
 
     def load_state_dict(self, state: dict[str, Any], source: str = "the checkpoint") -> None:
         saved, now = state["data_order"], self.plan.data_order(0)
-        for key in ("num_pairs", "global_batch", "seed"):
-            if saved[key] != now[key]:
+        # Token-budget runs also record their budget: a resume with another budget (or none)
+        # would see other batches. Packing on/off does not change the data order.
+        keys = ("num_pairs", "global_batch", "seed", "max_tokens_per_micro_batch", "window")
+        for key in keys:
+            if saved.get(key) != now.get(key):
                 raise ConfigError(
-                    f"cannot resume from {source}: its data order had {key}={saved[key]}, this "
-                    f"run has {now[key]} (changed data or batch size would not continue the same "
-                    "run)"
+                    f"cannot resume from {source}: its data order had {key}={saved.get(key)}, "
+                    f"this run has {now.get(key)} (changed data, batch size or token budget would "
+                    "not continue the same run)"
                 )
         self.step = int(state["step"])
         self.score_stats.load_state_dict(state["score_stats"])
@@ -117,6 +170,7 @@ class Trainer:
     # -- one optimizer step ---------------------------------------------------------------------
     def train_step(self) -> dict[str, Any]:
         self.engine.train(True)
+        launch_s = None if self._first_step_logged else telemetry.seconds_since_launch()
         start = time.perf_counter()
         micro_batches = self.plan.step(self.step - 1)
         parts = self.engine.env.world_size * len(micro_batches)
@@ -131,12 +185,16 @@ class Trainer:
             for name, term in terms.items():
                 _add(sums, name, (term.detach() * weights).sum() / parts)
             if mb.weights[0] > 0:
-                _add(sums, "tokens", batch["attention_mask"].sum())
+                lengths = batch["attention_mask"].sum(-1)
+                _add(sums, "tokens", lengths.sum())
+                _add(sums, "tokens_sq", (lengths.double() ** 2).sum())
+                _add(sums, "fed_tokens", batch["fed_tokens"])
                 for k, v in self._metric_sums(batch, scores).items():
                     _add(sums, k, v)
         # The same keys on every rank (a rank may have had only a zero-weight padding batch).
         term_keys = sorted(k for k in sums if k.startswith("loss_"))
-        reduced = _reduce(sums, ["loss", *term_keys, "tokens", *_PAIR_KEYS[self.cfg.objective]])
+        keys = ["loss", *term_keys, "tokens", "tokens_sq", "fed_tokens"]
+        reduced = _reduce(sums, [*keys, *_PAIR_KEYS[self.cfg.objective]])
         elapsed = time.perf_counter() - start
         n = float(reduced["n"])
         chosen_mean, rejected_mean = reduced["chosen_sum"] / n, reduced["rejected_sum"] / n
@@ -147,14 +205,38 @@ class Trainer:
             "train/loss": float(reduced["loss"]),
             "train/accuracy": float(reduced["correct"]) / n,
             "train/lr": self.engine.lr,
-            "train/tokens_per_s": float(reduced["tokens"]) / elapsed,
-            "train/epoch": (self.step - 1) / self.plan.steps_per_epoch,
+            "train/epoch": self.plan.epoch_position(self.step - 1),
+            "train/pairs": n,
         }
         for name in term_keys:
             metrics[f"train/{name}"] = float(reduced[name])
         if (norm := self.engine.grad_norm) is not None:
             metrics["train/grad_norm"] = norm
+        metrics.update(self._throughput(reduced, elapsed))
+        if launch_s is not None:
+            metrics["time/launch_to_first_step_s"] = launch_s
+            self._first_step_logged = True
         return metrics
+
+    def _throughput(self, reduced: dict[str, torch.Tensor], elapsed: float) -> dict[str, float]:
+        """Real tokens/s, padded fraction, step time, FLOPs per real token, MFU, peak memory."""
+        tokens, fed = float(reduced["tokens"]), float(reduced["fed_tokens"])
+        per_token = telemetry.flops_per_token(
+            self.engine.module.config, float(reduced["tokens_sq"]) / tokens
+        )
+        out = {
+            "train/tokens_per_s": tokens / elapsed,
+            "train/padded_fraction": 1.0 - tokens / fed,
+            "train/step_time_s": elapsed,
+            "train/flops_per_token": per_token,
+        }
+        env = self.engine.env
+        peak = telemetry.device_peak_tflops(env.device, self.cfg.trainer.peak_tflops)
+        if peak is not None:
+            out["train/mfu"] = per_token * tokens / elapsed / (peak * 1e12 * env.world_size)
+        if (memory := telemetry.peak_memory_gib(env.device)) is not None:
+            out["train/peak_memory_gib"] = memory
+        return out
 
     # -- evaluation -----------------------------------------------------------------------------
     def evaluate(self) -> dict[str, float]:
@@ -204,22 +286,65 @@ class Trainer:
         return out
 
     # -- pieces ---------------------------------------------------------------------------------
+    def _table(self, pairs: Dataset) -> PairTable:
+        """The materialised `pairs` (built on first use; the dataset is kept so ids stay valid)."""
+        if id(pairs) not in self._tables:
+            self._tables[id(pairs)] = (pairs, PairTable(pairs))
+        return self._tables[id(pairs)][1]
+
     def _forward(
         self, pairs: Dataset, mb: MicroBatch
     ) -> tuple[dict[str, torch.Tensor], PairScores]:
-        batch = self.collate([pairs[i] for i in mb.indices])
+        rows = self._table(pairs).rows(mb.indices)
+        batch = self.collate(rows)
+        if self.cfg.trainer.packing:
+            return self._forward_packed(batch, rows)
+        batch["fed_tokens"] = torch.tensor(batch["input_ids"].numel())
         out = self.engine.forward(
             input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
         )
-        b = len(mb.indices)
-        end = out.end_scores.squeeze(-1).float()
+        return batch, self._pair_scores(batch, out.end_scores, out.scores)
+
+    def _forward_packed(
+        self, batch: dict[str, torch.Tensor], rows: list[dict[str, Any]]
+    ) -> tuple[dict[str, torch.Tensor], PairScores]:
+        """The micro-batch's 2B sequences packed into rows (one row for flash-attention's varlen
+        path, else nearly equally full rows of the cheapest width, `balanced_row_tokens`)."""
+        seqs = [r["chosen_input_ids"] for r in rows] + [r["rejected_input_ids"] for r in rows]
+        config = self.engine.module.config
+        one_row = "flash" in self.cfg.model.attn_implementation
+        cost = row_token_cost(config)
+        width = None if one_row else balanced_row_tokens([len(x) for x in seqs], cost)
+        pad_id = getattr(config, "pad_token_id", None) or 0
+        packed = pack_sequences(seqs, max_row_tokens=width, pad_token_id=pad_id)
+        out = self.engine.forward(
+            input_ids=packed["input_ids"],
+            position_ids=packed["position_ids"],
+            seq_row=packed["seq_row"],
+            seq_end=packed["end_index"],
+        )
+        # Right-padded [2B, L] ids and mask of the same sequences, for the metrics, the eval
+        # samples and the token-wise losses (which see exactly the padded path's tensors).
+        index, mask = unpack_index(packed)
+        batch["input_ids"] = unpack(packed["input_ids"], index, mask)
+        batch["attention_mask"] = mask.long()
+        batch["fed_tokens"] = torch.tensor(packed["input_ids"].numel())
+        tokens = unpack(out.scores, index, mask) if needs_token_scores(self.cfg.loss) else None
+        return batch, self._pair_scores(batch, out.end_scores, tokens)
+
+    def _pair_scores(
+        self, batch: dict[str, torch.Tensor], end_scores: torch.Tensor, scores: torch.Tensor | None
+    ) -> PairScores:
+        """Chosen rows first, then rejected; per-token scores only for the losses that read them."""
+        b = batch["input_ids"].size(0) // 2
+        end = end_scores.squeeze(-1).float()
         tokens = None
-        if needs_token_scores(self.cfg.loss):
-            tok = out.scores.squeeze(-1).float()
+        if scores is not None and needs_token_scores(self.cfg.loss):
+            tok = scores.squeeze(-1).float()
             ids = batch["input_ids"].to(end.device)
             mask = batch["attention_mask"].to(end.device)
             tokens = TokenScores(tok[:b], tok[b:], ids[:b], ids[b:], mask[:b], mask[b:])
-        return batch, PairScores(chosen=end[:b], rejected=end[b:], tokens=tokens)
+        return PairScores(chosen=end[:b], rejected=end[b:], tokens=tokens)
 
     def _loss(
         self, batch: dict[str, torch.Tensor], s: PairScores
@@ -257,8 +382,11 @@ _PAIR_KEYS = {"reward": _BASE_KEYS, "cost": [*_BASE_KEYS, "sign_correct", "sign_
 
 
 def _reduce(sums: dict[str, torch.Tensor], keys: list[str]) -> dict[str, torch.Tensor]:
-    """Sum the named values over ranks (missing ones count as 0)."""
-    local = torch.stack([sums.get(k, torch.zeros(())).float() for k in keys])
+    """Sum the named values over ranks (missing ones count as 0). The values stay on their
+    device until here: one device-to-host copy per step, not one per micro-batch and metric."""
+    dev = next(iter(sums.values())).device if sums else torch.device("cpu")
+    zero = torch.zeros((), device=dev)
+    local = torch.stack([sums[k].to(dev).double() if k in sums else zero.double() for k in keys])
     return dict(zip(keys, all_reduce_sum(local), strict=True))
 
 
@@ -271,8 +399,11 @@ def _samples(batch: dict[str, torch.Tensor], s: PairScores) -> list[tuple[list[i
 
 
 def _add(sums: dict[str, torch.Tensor], key: str, value: torch.Tensor) -> None:
-    value = value.detach().float().cpu()
-    sums[key] = sums[key] + value if key in sums else value
+    value = value.detach().double()  # stays on its device (no sync per micro-batch)
+    if key in sums:
+        sums[key] = sums[key] + value.to(sums[key].device)
+    else:
+        sums[key] = value
 
 
 def _std(total: torch.Tensor, sq: torch.Tensor, n: float) -> float:

@@ -136,10 +136,13 @@ def train(
     pairs: Any,
     config: LlamaConfig,
     hyper: RefHyper = RefHyper(),
+    batches: list[list[int]] | None = None,
 ) -> RefResult:
     """Train like rmtrain claims to, with nothing but torch and transformers.
 
     `pairs`: rows with `chosen_input_ids` / `rejected_input_ids` (a datasets.Dataset or a list).
+    `batches`: the pairs of each step, when not the seeded global batches (token-budget runs:
+    the pairs per step vary; the loss is still their plain mean).
     """
     model = build_model(config, hyper.seed)
     model.train()
@@ -152,7 +155,9 @@ def train(
     )
     result = RefResult()
     pad_id = config.pad_token_id
-    for batch in global_batches(len(pairs), hyper.global_batch, hyper.seed, hyper.max_steps):
+    if batches is None:
+        batches = global_batches(len(pairs), hyper.global_batch, hyper.seed, hyper.max_steps)
+    for batch in batches:
         rows = [pairs[i] for i in batch]
         chosen, rejected = pair_scores(
             model,

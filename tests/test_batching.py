@@ -5,8 +5,9 @@ from __future__ import annotations
 from collections import Counter
 
 import pytest
+import torch
 
-from rmtrain.batching import BatchPlan, eval_shards, split_evenly
+from rmtrain.batching import BatchPlan, TokenBudgetPlan, eval_shards, split_evenly
 
 
 def epoch_pairs(n: int, micro: int, accum: int, world: int, epoch: int = 0) -> list[list[int]]:
@@ -75,3 +76,72 @@ def test_eval_shards_cover_once_with_equal_batch_counts() -> None:
     assert len(shards[0]) == len(shards[1])
     real = [i for s in shards for mb in s for i, w in zip(mb.indices, mb.weights, strict=True) if w]
     assert sorted(real) == list(range(11))
+
+
+# -- token-budget micro-batches (trainer.max_tokens_per_micro_batch) --------------------------
+
+
+def _lengths(n: int) -> list[int]:
+    gen = torch.Generator().manual_seed(5)
+    return (torch.randint(40, 500, (n,), generator=gen)).tolist()
+
+
+@pytest.mark.parametrize(("world", "accum"), [(1, 1), (2, 1), (2, 3)])
+def test_token_budget_plan_each_pair_once_same_steps_exact_weights(world: int, accum: int) -> None:
+    lengths = _lengths(203)
+    plans = [
+        TokenBudgetPlan(lengths, 1200, accum, world, r, seed=7, window=64) for r in range(world)
+    ]
+    for epoch in range(2):
+        per_rank = [p.epoch_steps(epoch) for p in plans]
+        assert len({len(s) for s in per_rank}) == 1  # the same step count on every rank
+        seen: list[int] = []
+        for step in range(len(per_rank[0])):
+            mbs = [mb for steps in per_rank for mb in steps[step]]
+            assert all(len(steps[step]) == accum for steps in per_rank)
+            real = [(i, w) for mb in mbs for i, w in zip(mb.indices, mb.weights, strict=True) if w]
+            # sum of weights / (world x accum) == 1: the weighted sums are the step's mean
+            assert sum(w for _, w in real) == pytest.approx(world * accum)
+            for mb in mbs:
+                if mb.weights[0]:
+                    assert sum(lengths[i] for i in mb.indices) <= 1200 or len(mb.indices) == 1
+            seen += [i for i, _ in real]
+        assert sorted(seen) == list(range(len(lengths)))
+
+
+def test_token_budget_plan_deterministic_and_resumable() -> None:
+    lengths = _lengths(150)
+    a = TokenBudgetPlan(lengths, 900, 2, 1, 0, seed=3)
+    b = TokenBudgetPlan(lengths, 900, 2, 1, 0, seed=3)
+    total = a.total_steps(None, 2)
+    assert total == len(a.epoch_steps(0)) + len(a.epoch_steps(1))
+    assert [b.step(s) for s in range(total + 3)] == [a.step(s) for s in range(total + 3)]
+    assert a.step(0) != TokenBudgetPlan(lengths, 900, 2, 1, 0, seed=4).step(0)
+    n0 = len(a.epoch_steps(0))
+    order = a.data_order(n0 + 1)
+    assert (order["epoch"], order["batch_in_epoch"]) == (1, 1)
+    assert order["max_tokens_per_micro_batch"] == 900 and order["global_batch"] is None
+    assert a.epoch_position(n0) == 1.0
+
+
+def test_resume_with_another_token_budget_is_refused() -> None:
+    from rmtrain.config import ConfigError, to_config
+    from rmtrain.trainer import Trainer
+
+    cfg = to_config({"model": {"name_or_path": "tiny"}})
+    lengths = _lengths(40)
+
+    def trainer(plan: BatchPlan | TokenBudgetPlan) -> Trainer:
+        return Trainer(cfg, None, plan, None, None, None, None)  # type: ignore[arg-type]
+
+    budget = trainer(TokenBudgetPlan(lengths, 900, 1, 1, 0, seed=42))
+    state = {**budget.state_dict(), "step": 3}
+    trainer(TokenBudgetPlan(lengths, 900, 1, 1, 0, seed=42)).load_state_dict(state)  # same: ok
+    for other in (TokenBudgetPlan(lengths, 800, 1, 1, 0, seed=42), BatchPlan(40, 8, 1, 1, 0, 42)):
+        with pytest.raises(ConfigError, match="cannot resume"):
+            trainer(other).load_state_dict(state)
+    padded = trainer(BatchPlan(40, 8, 1, 1, 0, 42))
+    with pytest.raises(ConfigError, match="cannot resume"):
+        trainer(TokenBudgetPlan(lengths, 900, 1, 1, 0, seed=42)).load_state_dict(
+            padded.state_dict()
+        )

@@ -86,6 +86,51 @@ VARIANTS: dict[str, tuple[list[str], int]] = {
 }
 BASELINE = "z0"
 
+# Padding-free (packed) runs: the same batches as their padded counterparts, so they must match
+# the padded baseline at the same tolerances (trainer.peak_tflops makes the CPU run log MFU).
+PACKED = ["trainer.packing=true"]
+VARIANTS |= {
+    "p_z0": (
+        [*PACKED, "deepspeed=zero0", "trainer.micro_batch_size=8", "trainer.peak_tflops=1"],
+        1,
+    ),
+    "p_z1_m2_a4": (
+        [
+            *PACKED,
+            "deepspeed=zero1",
+            "trainer.micro_batch_size=2",
+            "trainer.gradient_accumulation_steps=4",
+        ],
+        1,
+    ),
+    "p_w2_z2_m4": ([*PACKED, "deepspeed=zero2", "trainer.micro_batch_size=4"], 2),
+    "p_w2_z3_m2_a2": (
+        [
+            *PACKED,
+            "deepspeed=zero3",
+            *Z3,
+            "trainer.micro_batch_size=2",
+            "trainer.gradient_accumulation_steps=2",
+        ],
+        2,
+    ),
+}
+
+# Token-budget micro-batches: pairs of 104-192 tokens, at most TOKEN_BUDGET per micro-batch,
+# world x accumulation = 4 micro-batches per step (~10 pairs, varying). Every split of the same
+# 4 micro-batches (padded or packed, 1 or 2 ranks, ZeRO 0-3) must give the same training, and the
+# padded one must equal the reference loop trained on the same pairs per step.
+TOKEN_BUDGET = 400
+TB = [f"trainer.max_tokens_per_micro_batch={TOKEN_BUDGET}"]
+TB_BASELINE = "tb_z0_a4"
+VARIANTS |= {
+    TB_BASELINE: ([*TB, "deepspeed=zero0", "trainer.gradient_accumulation_steps=4"], 1),
+    "tb_p_w2_z3_a2": (
+        [*TB, *PACKED, "deepspeed=zero3", *Z3, "trainer.gradient_accumulation_steps=2"],
+        2,
+    ),
+}
+
 # Tolerances (fp32). Every configuration computes the same sums, only grouped differently
 # (per-micro-batch vs whole-batch padding, the order of gradient reductions over micro-batches and
 # ranks, DeepSpeed's divide-vs-torch's multiply in clipping): a few ulps per step. Measured (max
@@ -231,6 +276,24 @@ def reference(data: dict[str, Any]) -> ref.RefResult:
     return result
 
 
+@pytest.fixture(scope="module")
+def tb_reference(data: dict[str, Any]) -> ref.RefResult:
+    """The reference loop on the token-budget run's pairs per step (the step's M micro-batches)."""
+    from rmtrain.packing import token_budget_batches
+
+    lengths = [len(r["chosen_input_ids"]) + len(r["rejected_input_ids"]) for r in data["train"]]
+    steps: list[list[int]] = []
+    epoch = 0
+    while len(steps) < STEPS:
+        bins = token_budget_batches(lengths, TOKEN_BUDGET, SEED, epoch)
+        steps += [[p for b in bins[i : i + 4] for p in b] for i in range(0, len(bins), 4)]
+        epoch += 1
+    hyper = ref.RefHyper(seed=SEED, lr=LR, grad_clip=CLIP, global_batch=GLOBAL, max_steps=STEPS)
+    result = ref.train(data["train"], data["config"], hyper, batches=steps[:STEPS])
+    assert len(set(result.batch_sizes)) > 1, result.batch_sizes  # pairs per step really vary
+    return result
+
+
 # -- the independent reference ---------------------------------------------------------------
 
 
@@ -276,10 +339,16 @@ def test_baseline_matches_reference_loop(
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "name",
-    [n for n in VARIANTS if n != BASELINE],
+    [n for n in VARIANTS if n not in (BASELINE, TB_BASELINE)],
 )
-def test_variant_matches_baseline(runs: Any, reference: ref.RefResult, name: str) -> None:
-    base, run = runs(BASELINE), runs(name)
+def test_variant_matches_baseline(
+    runs: Any, reference: ref.RefResult, tb_reference: ref.RefResult, name: str
+) -> None:
+    token_budget = name.startswith("tb_")
+    base, run = runs(TB_BASELINE if token_budget else BASELINE), runs(name)
+    if token_budget:
+        reference = tb_reference
+    base_name = base.name
     first, want_first = run.train("train/loss")[0], base.train("train/loss")[0]
     assert math.isclose(first, want_first, rel_tol=LOSS_RTOL, abs_tol=LOSS_ATOL), (
         f"{name}: step-1 loss {first!r} vs {want_first!r}: the same first batch on the same seed, "
@@ -288,7 +357,7 @@ def test_variant_matches_baseline(runs: Any, reference: ref.RefResult, name: str
     assert_close_steps(
         run.train("train/loss"),
         base.train("train/loss"),
-        f"{name}: train/loss vs {BASELINE}",
+        f"{name}: train/loss vs {base_name}",
         LOSS_RTOL,
         LOSS_ATOL,
     )
@@ -310,7 +379,7 @@ def test_variant_matches_baseline(runs: Any, reference: ref.RefResult, name: str
     assert got["eval/pairs"] == EVAL_ROWS  # 2 ranks: each eval pair counted once
     assert math.isclose(got["eval/loss"], want["eval/loss"], rel_tol=LOSS_RTOL, abs_tol=LOSS_ATOL)
     assert got["eval/accuracy"] == want["eval/accuracy"]
-    assert_weights_close(run.weights, base.weights, f"{name} vs {BASELINE}")
+    assert_weights_close(run.weights, base.weights, f"{name} vs {base_name}")
 
 
 @pytest.mark.slow
@@ -319,3 +388,40 @@ def test_two_ranks_count_each_eval_pair_once(runs: Any) -> None:
     padding batch (it must still run it: ZeRO-3 gathers parameters collectively)."""
     run = runs("w2_z3_m4")
     assert [r["eval/pairs"] for r in run.metrics if "eval/pairs" in r] == [EVAL_ROWS]
+
+
+@pytest.mark.slow
+def test_token_budget_baseline_matches_reference_loop(
+    runs: Any, tb_reference: ref.RefResult
+) -> None:
+    """Token-budget micro-batches with exact per-pair weights: the loss of every step is the
+    plain mean over that step's pairs, and training equals the reference loop's."""
+    base = runs(TB_BASELINE)
+    assert_close_steps(
+        base.train("train/loss"), tb_reference.losses, "token budget vs reference", LOSS_RTOL,
+        LOSS_ATOL,
+    )  # fmt: skip
+    assert base.train("train/pairs") == [float(n) for n in tb_reference.batch_sizes]
+    assert_weights_close(base.weights, tb_reference.state_dict, f"{TB_BASELINE} vs reference")
+
+
+@pytest.mark.slow
+def test_packed_run_logs_throughput(runs: Any) -> None:
+    """Telemetry per logged step; MFU on CPU only with trainer.peak_tflops; padding-free runs
+    feed (almost) only real tokens, padded runs of the same batches do not."""
+    packed, padded = runs("p_z0"), runs(BASELINE)
+    first = next(r for r in packed.metrics if "train/loss" in r)
+    assert first["time/launch_to_first_step_s"] > 0
+    for row in (r for r in packed.metrics if "train/loss" in r):
+        for key in ("tokens_per_s", "step_time_s", "flops_per_token", "mfu"):
+            assert row[f"train/{key}"] > 0, key
+    assert "train/mfu" not in padded.metrics[1]  # CPU, no peak_tflops
+    # the same pairs: the same FLOPs per real token, padded or not
+    assert packed.train("train/flops_per_token") == padded.train("train/flops_per_token")
+    # (52-96-token sequences: narrow lengths leave packing less to win than long-tailed ones)
+    pf_packed, pf_padded = (
+        packed.train("train/padded_fraction"),
+        padded.train("train/padded_fraction"),
+    )
+    assert all(0 <= x < 1 for x in pf_packed + pf_padded)
+    assert sum(pf_packed) < sum(pf_padded)

@@ -44,6 +44,7 @@ def test_wandb_runs_offline_without_a_key_and_says_so(tmp_path: Path) -> None:
             "logger=wandb",
             "trainer.max_steps=3",
             "trainer.export=false",
+            "trainer.peak_tflops=1",  # MFU on CPU only against an explicit peak
             f"output_dir={run_dir}",
         ],
         env=env,
@@ -55,4 +56,12 @@ def test_wandb_runs_offline_without_a_key_and_says_so(tmp_path: Path) -> None:
     assert "no API key found, logging offline" in proc.stdout + proc.stderr
     runs = list((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
     assert len(runs) == 1 and runs[0].stat().st_size > 0
-    assert [r["step"] for r in read_metrics(run_dir) if "train/loss" in r] == [1, 2, 3]
+    steps = [r for r in read_metrics(run_dir) if "train/loss" in r]
+    assert [r["step"] for r in steps] == [1, 2, 3]
+    # throughput telemetry per logged step, in metrics.jsonl and in the wandb run
+    keys = ["train/tokens_per_s", "train/padded_fraction", "train/step_time_s", "train/mfu"]
+    keys.append("train/flops_per_token")
+    assert all(k in r for r in steps for k in keys)
+    assert "time/launch_to_first_step_s" in steps[0]
+    recorded = runs[0].read_bytes()
+    assert all(k.encode() in recorded for k in keys)

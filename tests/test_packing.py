@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForSequenceClassification
@@ -249,3 +251,129 @@ def test_split_by_tokens_balances() -> None:
     assert sorted(i for g in groups for i in g) == list(range(64))
     loads = [sum(lengths[i] for i in g) for g in groups]
     assert max(loads) - min(loads) <= max(lengths)
+
+
+# ---------------------------------------------------------------------------------------------
+# the trainer's packed path (trainer.packing): same scores, losses and gradients as padded
+
+
+class _Engine:
+    """What Trainer._forward needs of rmtrain.engine.Engine, without DeepSpeed."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.module = model
+
+    def forward(self, **batch: torch.Tensor) -> object:
+        return self.module(**batch)
+
+
+def _pairs(n: int = 6, seed: int = 3) -> object:
+    import datasets
+
+    gen = torch.Generator().manual_seed(seed)
+    lens = torch.randint(3, 40, (2 * n,), generator=gen).tolist()
+    seqs = [torch.randint(1, 1024, (k,), generator=gen).tolist() for k in lens]
+    return datasets.Dataset.from_dict(
+        {
+            "chosen_input_ids": seqs[:n],
+            "rejected_input_ids": seqs[n:],
+            "chosen_unsafe": [i % 2 == 0 for i in range(n)],
+            "rejected_unsafe": [i % 3 != 0 for i in range(n)],
+            "margin": [0.0] * n,
+        }
+    ).select([5, 0, 3, 1, 4, 2])  # an indices mapping, as after shuffle/filter
+
+
+def _trainer(packing: bool, loss: str, objective: str, impl: str) -> object:
+    import functools
+
+    from rmtrain.batching import BatchPlan
+    from rmtrain.config import to_config
+    from rmtrain.data.collate import collate_pairs
+    from rmtrain.model import LlamaScoreModel
+    from rmtrain.trainer import Trainer
+
+    cfg = to_config(
+        {
+            "model": {"name_or_path": "tiny", "attn_implementation": impl},
+            "data": {"preference": "safer" if objective == "cost" else "better"},
+            "loss": {"name": loss, "score_reg": 0.01},
+            "objective": objective,
+            "trainer": {"packing": packing},
+        }
+    )
+    model = tiny_model(impl)
+    score_model = LlamaScoreModel(model.config)
+    score_model.load_state_dict(model.state_dict())
+    pairs = _pairs()
+    collate = functools.partial(collate_pairs, pad_token_id=0, padding_side="left")
+    plan = BatchPlan(len(pairs), 6, 1, 1, 0, seed=0)
+    return Trainer(cfg, _Engine(score_model), plan, pairs, pairs, collate, None)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("loss", "objective", "impl"),
+    [
+        ("bt", "reward", "sdpa"),
+        ("bt_tokenwise", "reward", "sdpa"),
+        ("bt_tokenwise", "reward", "eager"),
+        ("bt", "cost", "sdpa"),
+        ("margin", "cost", "sdpa"),
+    ],
+)
+def test_trainer_packed_forward_equals_padded(loss: str, objective: str, impl: str) -> None:
+    from rmtrain.batching import MicroBatch
+
+    got: dict[bool, tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]] = {}
+    for packing in (False, True):
+        trainer: Any = _trainer(packing, loss, objective, impl)
+        batch, scores = trainer._forward(trainer.train_pairs, MicroBatch([0, 2, 3, 5], [1.0] * 4))
+        assert (scores.tokens is not None) == (loss == "bt_tokenwise")
+        total, terms = trainer._loss(batch, scores)
+        total.sum().backward()
+        model = trainer.engine.module
+        values = {"total": total.detach(), "chosen": scores.chosen, "rejected": scores.rejected}
+        values |= {k: v.detach() for k, v in terms.items()}
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        got[packing] = (values, grads)
+        tokens = int(batch["attention_mask"].sum())
+        fed = int(batch["fed_tokens"])
+        assert fed >= tokens and (fed < 1.2 * tokens if packing else True)
+    (pv, pg), (qv, qg) = got[True], got[False]
+    assert pv.keys() == qv.keys() and pg.keys() == qg.keys()
+    for k in pv:
+        assert torch.allclose(pv[k].detach(), qv[k].detach(), atol=1e-5, rtol=1e-5), k
+    for k in pg:
+        assert torch.allclose(pg[k], qg[k], atol=1e-5, rtol=1e-4), k
+
+
+def test_pair_table_rows_equal_dataset_rows() -> None:
+    from rmtrain.trainer import PairTable
+
+    pairs: Any = _pairs()
+    table = PairTable(pairs)
+    assert table.rows([4, 1]) == [pairs[4], pairs[1]]
+
+
+def test_unpack_gives_right_padded_views() -> None:
+    from rmtrain.packing import balanced_row_tokens, unpack, unpack_index
+
+    seqs = random_seqs()
+    packed = pack_sequences(seqs, balanced_row_tokens([len(s) for s in seqs]))
+    index, mask = unpack_index(packed)
+    ids = unpack(packed["input_ids"], index, mask)
+    for i, s in enumerate(seqs):
+        assert ids[i, : len(s)].tolist() == s and not ids[i, len(s) :].any()
+    assert mask.sum(-1).tolist() == [len(s) for s in seqs]
+
+
+def test_balanced_rows_are_nearly_full() -> None:
+    from rmtrain.packing import balanced_row_tokens
+
+    gen = torch.Generator().manual_seed(0)
+    lens = (torch.exp(4.86 + 0.5 * torch.randn(32, generator=gen))).round().clamp(46, 454)
+    lengths = lens.long().tolist()
+    width = balanced_row_tokens(lengths)
+    packed = pack_sequences([[1] * n for n in lengths], width)
+    assert width >= max(lengths)
+    assert packed["num_real_tokens"] / packed["input_ids"].numel() > 0.9

@@ -57,6 +57,13 @@ def test_beaver_reward_is_the_published_recipe() -> None:
     assert (cfg.trainer.lr, cfg.trainer.epochs) == (2e-5, 2)
 
 
+@pytest.mark.parametrize(
+    "name", ["beaver_reward", "beaver_cost", "llama7b_pku_zero3", "fsfairx_llama3_rm"]
+)
+def test_real_scale_presets_pack(name: str) -> None:
+    assert to_config(compose_preset(name, ["model.name_or_path=x"])).trainer.packing
+
+
 def test_fsfairx_llama3_rm_is_the_rlhflow_recipe() -> None:
     cfg = to_config(compose_preset("fsfairx_llama3_rm"))
     assert cfg.model.name_or_path == "meta-llama/Meta-Llama-3-8B-Instruct"

@@ -244,3 +244,41 @@ def test_hydra_multirun_sweeps_single_process_runs(tmp_path: Path) -> None:
     assert jobs[0][1] == pytest.approx(jobs[1][1])  # same init and first batch
     assert jobs[0][2] != jobs[1][2]  # different learning rates after one step
     assert read_metrics(sweep / "0")[0]["step"] == 0  # data counts logged first
+
+
+PACKED_BUDGET = [
+    *SMALL,
+    "model=tiny",
+    "data=sample",
+    "deepspeed=zero2",
+    "trainer.packing=true",
+    "trainer.max_tokens_per_micro_batch=700",
+    "trainer.gradient_accumulation_steps=2",
+    "trainer.max_steps=6",
+    "trainer.save_every=3",
+    "trainer.eval_every=0",
+    "trainer.export=false",
+]
+
+
+@pytest.mark.slow
+def test_packed_token_budget_resume_is_exact_and_needs_the_same_budget(tmp_path: Path) -> None:
+    """Token-budget batches are a function of the seed and the budget: a resume from step 3
+    continues with the uninterrupted run's steps 4-6; another budget is refused."""
+    full = tmp_path / "full"
+    check_ok(run_train([*PACKED_BUDGET, f"output_dir={full}"]))
+    ckpt = full / "checkpoints" / "step_00000003"
+    order = json.loads((ckpt / MARKER).read_text())["states"]["trainer"]["data_order"]
+    assert order["max_tokens_per_micro_batch"] == 700 and order["batch_in_epoch"] == 3
+    resumed = tmp_path / "resumed"
+    check_ok(run_train([*PACKED_BUDGET, f"output_dir={resumed}", f"trainer.resume={ckpt}"]))
+    ref, got = losses(full), losses(resumed)
+    assert sorted(got) == [4, 5, 6]
+    for step in got:
+        assert got[step] == pytest.approx(ref[step], rel=1e-6, abs=1e-9), step
+    other = tmp_path / "other"
+    proc = run_train(
+        [*PACKED_BUDGET, "trainer.max_tokens_per_micro_batch=800", f"output_dir={other}",
+         f"trainer.resume={ckpt}"]
+    )  # fmt: skip
+    assert proc.returncode != 0 and "cannot resume" in proc.stdout + proc.stderr
