@@ -195,7 +195,7 @@ def _brief(held: dict[str, Any]) -> str:
 
 
 def build_plan(
-    cfg: Config, train_pairs: Dataset, env: engine.DistEnv
+    cfg: Config, train_pairs: datasets.Dataset, env: engine.DistEnv
 ) -> BatchPlan | TokenBudgetPlan:
     """Which pairs each rank sees per step: micro_batch_size pairs per micro-batch, or
     token-budget micro-batches (trainer.max_tokens_per_micro_batch)."""
