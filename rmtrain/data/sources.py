@@ -47,8 +47,16 @@ def scan_jsonl(path: Path) -> str | None:
     Used when ``datasets`` cannot load the file (invalid JSON, ...) or a column's inferred type
     would blame the wrong row; reads the raw values, so the line number is exact.
     """
+    try:
+        return _scan_lines(path)
+    except (lzma.LZMAError, EOFError, OSError) as e:  # a corrupt or truncated .xz
+        return f"{path}: cannot read it: {type(e).__name__}: {e}"
+
+
+def _scan_lines(path: Path) -> str | None:
     schema: Schema | None = None
     fields: tuple[str, ...] = ()
+    n = 0
     for n, raw in enumerate(_open_lines(path), 1):
         try:
             line = raw.decode("utf-8")
@@ -68,6 +76,8 @@ def scan_jsonl(path: Path) -> str | None:
         found = schema.row_problem(row, fields)
         if found:
             return where(str(path), n, *found)
+    if schema is None:
+        return f"{path}: no rows ({'empty file' if n == 0 else 'only blank lines'})"
     return None
 
 
@@ -184,6 +194,12 @@ def _load_pieces(cfg: DataConfig, split: str) -> list[_Piece]:
 
 
 def _validate(piece: _Piece) -> None:
+    if piece.file is not None:
+        # The raw lines first: datasets may coerce a "true" string to a bool, and keeps invalid
+        # UTF-8 that fails only when read.
+        message = scan_jsonl(piece.file)
+        if message:
+            raise DataError(message)
     ds = piece.ds.with_format(None)
     schema = detect(piece.label, ds.column_names)
     fields = schema.fields(ds.column_names)
