@@ -423,3 +423,30 @@ def test_row15_rerun_config_with_callbacks_refused(
     assert not pwned.exists()
     code, err = train_in_process([*FAST, "+x._target_=os.system"], capsys, monkeypatch)
     assert code == 2 and "configs hold data, not code" in err
+
+
+def test_row09_slurm_requeues_on_preemption(tmp_path: Path) -> None:
+    """USR1 from Slurm (--signal) → SIGTERM to the ranks (via srun) → requeue when they exit."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    log = tmp_path / "calls"
+    scripts = {
+        "srun": f"trap 'echo \"srun got TERM\" >> {log}; kill $!; exit 75' TERM\nsleep 60 & wait\n",
+        "scontrol": f'[[ $1 == show ]] && echo n1 || echo "scontrol $*" >> {log}\n',
+    }
+    for name, body in scripts.items():
+        (bin_dir / name).write_text("#!/usr/bin/env bash\n" + body)
+        (bin_dir / name).chmod(0o755)
+    env = {**cli_env(), "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_ID": "77",
+           "SLURM_JOB_NODELIST": "n1", "SLURM_NNODES": "1"}  # fmt: skip
+    text = (REPO / "launch" / "slurm.sbatch").read_text()
+    assert "#SBATCH --signal=B:USR1@" in text and "#SBATCH --requeue" in text
+    proc = subprocess.Popen(
+        ["bash", str(REPO / "launch" / "slurm.sbatch"), f"output_dir={tmp_path / 'out'}"],
+        env=env, cwd=tmp_path, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGUSR1)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+    assert log.read_text().splitlines() == ["srun got TERM", "scontrol requeue 77"]
