@@ -153,6 +153,19 @@ def _hydra_main(dcfg: DictConfig) -> None:
             with contextlib.suppress(OSError):  # the run directory, if the error left it empty
                 Path(dcfg.output_dir).rmdir()
         sys.exit(2)
+    except RuntimeError as err:  # gloo/nccl: a collective waited longer than deepspeed.timeout_s
+        if "timed out" not in str(err).lower() and "timeout" not in str(err).lower():
+            raise
+        first = str(err).strip().splitlines()[0]
+        print(
+            f"rmtrain: error: rank {os.environ.get('RANK', '0')}: a collective timed out after "
+            f"deepspeed.timeout_s={dcfg.deepspeed.timeout_s} s (another rank stalled or died): "
+            f"{first}",
+            file=sys.stderr,
+            flush=True,
+        )
+        sys.stdout.flush()
+        os._exit(2)  # the process group is unusable: no orderly shutdown
 
 
 def run(dcfg: DictConfig) -> dict[str, float]:
