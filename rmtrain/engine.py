@@ -18,6 +18,7 @@ import errno
 import importlib
 import os
 import pickle
+import re
 import signal
 import socket
 import sys
@@ -29,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import deepspeed
+import numpy as np
 import torch
 import torch.distributed as dist
 from deepspeed.accelerator import get_accelerator
@@ -50,7 +52,12 @@ def _deepspeed_safe_globals() -> list[Any]:
     from deepspeed.runtime.zero.config import ZeroStageEnum
     from deepspeed.utils.tensor_fragment import fragment_address
 
-    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+    # numpy arrays (RNG state of checkpoints written before the state became plain lists): an
+    # array is rebuilt from its dtype and bytes, nothing is called.
+    from numpy._core.multiarray import _reconstruct  # type: ignore[attr-defined]
+
+    numpy_array = [_reconstruct, np.ndarray, np.dtype, np.dtypes.UInt32DType]
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address, *numpy_array]
 
 
 @contextlib.contextmanager
@@ -67,9 +74,11 @@ def weights_only_loads() -> Iterator[None]:
             with torch.serialization.safe_globals(_deepspeed_safe_globals()):
                 return real_load(f, *args, **kwargs)
         except pickle.UnpicklingError as err:
-            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            found = re.search(r"[Uu]nsupported (GLOBAL|global|operand)[^\n]*", str(err))
+            what = found.group(0).strip().rstrip(".") if found else type(err).__name__
             raise CheckpointError(
-                f"{f}: refused to load: it holds code or objects a checkpoint never holds ({first})"
+                f"{f}: refused to load: it holds something a checkpoint never holds and that "
+                f"could run code ({what})"
             ) from None
         except (RuntimeError, EOFError, OSError) as err:
             raise CheckpointError(f"{f}: unreadable checkpoint file ({err})") from None

@@ -9,6 +9,7 @@ copy of it.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import json
@@ -260,7 +261,88 @@ def test_row06_resume_refuses_other_changes(run_copy: Path, capsys: Any, monkeyp
 
 
 # -- row 7: a stalled rank ------------------------------------------------------------------------
+def start_two_ranks(run_dir: Path, *extra: str) -> tuple[subprocess.Popen[str], Path]:
+    """2 ranks under the deepspeed launcher (launch/cpu.sh), training long enough to be hit;
+    returns once a few steps are logged."""
+    env = {**cli_env(), "NPROC": "2"}
+    log = run_dir.parent / "launcher.log"
+    args = [*FAST, "trainer.max_steps=400", "trainer.save_every=0", "trainer.export=false", *extra]
+    proc = subprocess.Popen(
+        ["bash", str(REPO / "launch" / "cpu.sh"), *args, f"output_dir={run_dir}"],
+        env=env, cwd=REPO, stdout=log.open("w"), stderr=subprocess.STDOUT, text=True,
+        start_new_session=True,
+    )  # fmt: skip
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if (run_dir / "metrics.jsonl").exists() and len(read_metrics(run_dir)) >= 4:
+            break
+        time.sleep(0.2)
+    assert proc.poll() is None, log.read_text()[-3000:]
+    return proc, log
+
+
+def rank_pids(run_dir: Path) -> list[int]:
+    out = subprocess.run(["pgrep", "-f", f"rmtrain.train.*output_dir={run_dir}$"],
+                         capture_output=True, text=True).stdout  # fmt: skip
+    return [int(pid) for pid in out.split()]
+
+
+def wait_gone(pids: list[int], timeout: float) -> list[int]:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        left = [pid for pid in pids if Path(f"/proc/{pid}").exists()]
+        if not left:
+            return []
+        time.sleep(0.5)
+    return left
+
+
+@pytest.mark.slow
+def test_row07_stalled_rank_ends_the_run(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    proc, log = start_two_ranks(run_dir, "deepspeed.timeout_s=15")
+    stalled = [pid for pid in rank_pids(run_dir)
+               if b"--local_rank=1" in Path(f"/proc/{pid}/cmdline").read_bytes()]  # fmt: skip
+    assert stalled
+    try:
+        os.kill(stalled[0], signal.SIGSTOP)
+        start = time.time()
+        proc.wait(timeout=240)
+        took = time.time() - start
+    finally:
+        for pid in rank_pids(run_dir):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+                os.kill(pid, signal.SIGCONT)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    text = log.read_text()
+    assert proc.returncode != 0
+    assert "a collective timed out after deepspeed.timeout_s=15 s" in text, text[-3000:]
+    assert took < 120
+
+
 # -- row 8: SIGTERM to the launcher only ----------------------------------------------------------
+@pytest.mark.slow
+def test_row08_sigterm_to_launcher_only_ranks_save_and_exit(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    proc, log = start_two_ranks(run_dir)
+    ranks = rank_pids(run_dir)
+    assert len(ranks) == 2
+    try:
+        proc.send_signal(signal.SIGTERM)  # the launcher only, not its process group
+        proc.wait(timeout=30)
+        left = wait_gone(ranks, 150)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert left == [], "ranks outlived their launcher"
+    (saved,) = (run_dir / "checkpoints").glob(f"step_*/{MARKER}")
+    assert "rmtrain: stopped at step" in log.read_text()
+    assert read_marker(saved.parent)["step"] >= 3
+    assert not (run_dir / "export").exists()
+
+
 # -- row 9: SIGTERM to a run ----------------------------------------------------------------------
 @pytest.mark.slow
 def test_row09_sigterm_saves_and_resume_continues(tmp_path: Path) -> None:
