@@ -284,7 +284,13 @@ def start_two_ranks(run_dir: Path, *extra: str) -> tuple[subprocess.Popen[str], 
 def rank_pids(run_dir: Path) -> list[int]:
     out = subprocess.run(["pgrep", "-f", f"rmtrain.train.*output_dir={run_dir}$"],
                          capture_output=True, text=True).stdout  # fmt: skip
-    return [int(pid) for pid in out.split()]
+    pids = [int(pid) for pid in out.split()]
+    ranks = []
+    for pid in pids:  # not the launcher processes, whose command lines hold the same overrides
+        with contextlib.suppress(OSError):
+            if b"--local_rank=" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                ranks.append(pid)
+    return ranks
 
 
 def wait_gone(pids: list[int], timeout: float) -> list[int]:
@@ -301,10 +307,10 @@ def wait_gone(pids: list[int], timeout: float) -> list[int]:
 def test_row07_stalled_rank_ends_the_run(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     proc, log = start_two_ranks(run_dir, "deepspeed.timeout_s=15")
-    stalled = [pid for pid in rank_pids(run_dir)
-               if b"--local_rank=1" in Path(f"/proc/{pid}/cmdline").read_bytes()]  # fmt: skip
-    assert stalled
     try:
+        stalled = [pid for pid in rank_pids(run_dir)
+                   if b"--local_rank=1" in Path(f"/proc/{pid}/cmdline").read_bytes()]  # fmt: skip
+        assert stalled
         os.kill(stalled[0], signal.SIGSTOP)
         start = time.time()
         proc.wait(timeout=240)
@@ -327,9 +333,9 @@ def test_row07_stalled_rank_ends_the_run(tmp_path: Path) -> None:
 def test_row08_sigterm_to_launcher_only_ranks_save_and_exit(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     proc, log = start_two_ranks(run_dir)
-    ranks = rank_pids(run_dir)
-    assert len(ranks) == 2
     try:
+        ranks = rank_pids(run_dir)
+        assert len(ranks) == 2
         proc.send_signal(signal.SIGTERM)  # the launcher only, not its process group
         proc.wait(timeout=30)
         left = wait_gone(ranks, 150)
@@ -532,3 +538,16 @@ def test_row09_slurm_requeues_on_preemption(tmp_path: Path) -> None:
     _, err = proc.communicate(timeout=30)
     assert proc.returncode == 0, err
     assert log.read_text().splitlines() == ["srun got TERM", "scontrol requeue 77"]
+
+
+def test_row10_disk_space_estimated_up_front(tmp_path: Path, capsys: Any, monkeypatch: Any) -> None:
+    from collections import namedtuple
+    from types import SimpleNamespace
+
+    from rmtrain import train
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(train.shutil, "disk_usage", lambda _: usage(10**9, 10**9 - 1000, 1000))
+    eng = SimpleNamespace(module=torch.nn.Linear(100, 100))
+    train.warn_disk_space(eng, tmp_path, keep_last=2)  # type: ignore[arg-type]
+    assert f"rmtrain: warning: 0.0 GB free at {tmp_path}" in capsys.readouterr().err
