@@ -123,16 +123,24 @@ class StopRequest:
     def __init__(self, grace_s: float = 120.0) -> None:
         self.reason: str | None = None
         self.grace_s = grace_s
+        self._previous: dict[int, Any] = {}
 
     def install(self) -> StopRequest:
+        self._previous = {}
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGTERM, signal.SIGUSR1):
-                signal.signal(sig, self._on_signal)
+                self._previous[sig] = signal.signal(sig, self._on_signal)
         launcher = _launcher_pid()
         if launcher is not None:
             _die_with_parent()
             threading.Thread(target=self._watch, args=(launcher,), daemon=True).start()
         return self
+
+    def uninstall(self) -> None:
+        """Give the signals back (a run inside a longer-lived process: a multirun, tests)."""
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
 
     def _on_signal(self, signum: int, frame: Any) -> None:
         self.reason = signal.Signals(signum).name

@@ -172,11 +172,17 @@ def run(dcfg: DictConfig) -> dict[str, float]:
     cfg = to_config(dcfg)  # every check runs here, before any process group exists
     env = engine.init_distributed(cfg.deepspeed.timeout_s)
     output_dir = agree_output_dir(cfg.output_dir, env)
-    with run_lock(output_dir, env):
-        return _run(dcfg, cfg, env, output_dir)
+    stop = engine.StopRequest().install()
+    try:
+        with run_lock(output_dir, env):
+            return _run(dcfg, cfg, env, output_dir, stop)
+    finally:
+        stop.uninstall()
 
 
-def _run(dcfg: DictConfig, cfg: Config, env: engine.DistEnv, output_dir: Path) -> dict[str, float]:
+def _run(
+    dcfg: DictConfig, cfg: Config, env: engine.DistEnv, output_dir: Path, stop: engine.StopRequest
+) -> dict[str, float]:
     dcfg.output_dir = str(output_dir)
     config_dict: dict[str, Any] = OmegaConf.to_container(dcfg, resolve=True)  # type: ignore[assignment]
 
@@ -231,7 +237,7 @@ def _run(dcfg: DictConfig, cfg: Config, env: engine.DistEnv, output_dir: Path) -
         architecture=arch,
         hf_files=(eng.module.config, tokenizer),
         every_minutes=t.save_every_minutes,
-        stop=engine.StopRequest().install(),
+        stop=stop,
     )
     trainer.checkpointer = checkpointer
     if env.is_main:
