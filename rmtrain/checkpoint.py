@@ -231,7 +231,7 @@ class Checkpointer:
             barrier()
             if self.engine.env.is_main:
                 self._finish(step, path)
-        except OSError as err:
+        except (OSError, RuntimeError) as err:
             last = complete_checkpoints(self.dir)
             full = no_space(err, path, last[-1] if last else None)
             if full is None:

@@ -19,6 +19,7 @@ import importlib
 import os
 import pickle
 import re
+import shutil
 import signal
 import socket
 import sys
@@ -90,9 +91,19 @@ def weights_only_loads() -> Iterator[None]:
         torch.load = real_load
 
 
-def no_space(err: OSError, path: Path, last_good: Path | None) -> CheckpointError | None:
-    """The one-line ENOSPC error (None for any other OSError)."""
-    if err.errno != errno.ENOSPC:
+def no_space(err: BaseException, path: Path, last_good: Path | None) -> CheckpointError | None:
+    """The one-line error for a write that failed because the disk is full (None otherwise).
+
+    torch.save reports a full disk as a RuntimeError about file positions, safetensors as its own
+    error: besides ENOSPC, a failed write on a disk left with almost no free space counts."""
+    full = getattr(err, "errno", None) == errno.ENOSPC or "No space left" in str(err)
+    if not full:
+        where = Path(path)
+        while not where.exists() and where != where.parent:
+            where = where.parent
+        with contextlib.suppress(OSError):
+            full = shutil.disk_usage(where).free < 16 * 2**20
+    if not full:
         return None
     good = f"the last good checkpoint is {last_good}" if last_good else "there is no checkpoint"
     return CheckpointError(f"no space left on device at {path}; {good}")

@@ -168,9 +168,9 @@ def export(
     try:
         _write_export(state_dict, model_config, tokenizer, tmp, max_shard_size, extra_config)
         (tmp / "README.md").write_text(model_card)
-    except OSError as err:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if err.errno == errno.ENOSPC:
+    except Exception as err:
+        shutil.rmtree(tmp, ignore_errors=True)  # never leave a half-written export behind
+        if getattr(err, "errno", None) == errno.ENOSPC or "No space left" in str(err):
             raise OSError(errno.ENOSPC, f"no space left on device at {out_dir}") from None
         raise
     if out_dir.exists():

@@ -268,7 +268,7 @@ def _run(
                 write_export(
                     record, state_dict, eng.module.config, tokenizer, output_dir / "export"
                 )
-            except OSError as err:
+            except Exception as err:
                 last = complete_checkpoints(output_dir / "checkpoints")
                 full = engine.no_space(err, output_dir / "export", last[-1] if last else None)
                 if full is None:
@@ -361,11 +361,15 @@ def warn_disk_space(eng: engine.Engine, output_dir: Path, keep_last: int) -> Non
     free = shutil.disk_usage(output_dir).free
     if free < need:
         print(
-            f"rmtrain: warning: {free / 1e9:.1f} GB free at {output_dir}, checkpoints and export "
-            f"need about {need / 1e9:.1f} GB",
+            f"rmtrain: warning: {_size(free)} free at {output_dir}, checkpoints and export "
+            f"need about {_size(need)}",
             file=sys.stderr,
             flush=True,
         )
+
+
+def _size(n: float) -> str:
+    return f"{n / 1e9:.1f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
 
 
 def check_resume(

@@ -395,6 +395,26 @@ def test_row10_no_space_names_path_and_last_checkpoint(run_copy: Path, monkeypat
     )
 
 
+@pytest.mark.slow
+def test_row10_disk_full_during_checkpoint(tmp_path: Path) -> None:
+    small = tmp_path / "small"
+    small.mkdir()
+    mount = ["mount", "-t", "tmpfs", "-o", "size=600k", "tmpfs", str(small)]
+    if subprocess.run(mount, capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a small tmpfs here (needs root)")
+    try:
+        proc = run_train([*FAST, f"output_dir={small / 'run'}"])
+        assert proc.returncode == 2, proc.stderr[-3000:]
+        err = proc.stderr.strip().splitlines()[-1]
+        assert err == (
+            f"rmtrain: error: no space left on device at {small / 'run' / 'checkpoints'}"
+            "/step_00000002; there is no checkpoint"
+        )
+        assert list((small / "run" / "checkpoints").iterdir()) == []  # no partial checkpoint
+    finally:
+        subprocess.run(["umount", str(small)], check=False)
+
+
 # -- row 11: values validated before training -----------------------------------------------------
 @pytest.mark.parametrize(
     ("override", "named"),
@@ -550,4 +570,4 @@ def test_row10_disk_space_estimated_up_front(tmp_path: Path, capsys: Any, monkey
     monkeypatch.setattr(train.shutil, "disk_usage", lambda _: usage(10**9, 10**9 - 1000, 1000))
     eng = SimpleNamespace(module=torch.nn.Linear(100, 100))
     train.warn_disk_space(eng, tmp_path, keep_last=2)  # type: ignore[arg-type]
-    assert f"rmtrain: warning: 0.0 GB free at {tmp_path}" in capsys.readouterr().err
+    assert f"rmtrain: warning: 0.0 MB free at {tmp_path}" in capsys.readouterr().err
