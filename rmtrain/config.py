@@ -15,6 +15,7 @@ import ast
 import dataclasses
 import inspect
 import itertools
+import math
 import re
 import typing
 from dataclasses import dataclass, field
@@ -114,6 +115,11 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         _choice("model.padding_side", self.padding_side, ("left", "right"))
+        _choice(
+            "model.attn_implementation",
+            self.attn_implementation,
+            ("sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention"),
+        )
 
 
 FORMATS = (
@@ -307,6 +313,48 @@ class DeepSpeedConfig:
             raise ConfigError("deepspeed.offload_params needs deepspeed.stage=3")
         if self.offload_optimizer and self.stage == 0:
             raise ConfigError("deepspeed.offload_optimizer needs deepspeed.stage >= 1")
+        if self.timeout_s < 1:
+            raise ConfigError("deepspeed.timeout_s must be >= 1")
+        for key, owner in _DERIVED.items():
+            if key in self.extra:
+                raise ConfigError(f"deepspeed.extra.{key} would contradict {owner}; set that")
+        zero = self.extra.get("zero_optimization") or {}
+        for key, owner in _DERIVED_ZERO.items():
+            if key in zero:
+                raise ConfigError(
+                    f"deepspeed.extra.zero_optimization.{key} would contradict {owner}; set that"
+                )
+
+
+# DeepSpeed settings rmtrain derives from its own keys: deepspeed.extra may not override them.
+_DERIVED = {
+    "train_batch_size": "trainer.micro_batch_size (x accumulation x ranks)",
+    "train_micro_batch_size_per_gpu": "trainer.micro_batch_size",
+    "gradient_accumulation_steps": "trainer.gradient_accumulation_steps",
+    "gradient_clipping": "trainer.grad_clip",
+    "bf16": "trainer.precision",
+    "fp16": "trainer.precision",
+    "optimizer": "trainer.lr / deepspeed.optimizer",
+    "scheduler": "the trainer's schedule (trainer.warmup_ratio, trainer.min_lr_ratio)",
+}
+_DERIVED_ZERO = {
+    "stage": "deepspeed.stage",
+    "offload_optimizer": "deepspeed.offload_optimizer",
+    "offload_param": "deepspeed.offload_params",
+}
+
+
+def parse_size(value: str | int) -> int:
+    """Bytes of a size such as 5GB, 200KB, 1.5GiB or 1000000 (ValueError otherwise)."""
+    if isinstance(value, int):
+        return value
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*", str(value), re.IGNORECASE)
+    if not m:
+        raise ValueError(value)
+    unit = (m.group(2) or "B").upper()
+    base = 1024 if "I" in unit else 1000
+    power = "BKMGT".index(unit[0])
+    return int(float(m.group(1)) * base**power)
 
 
 @dataclass
@@ -353,6 +401,9 @@ class TrainerConfig:
     """Seeds model init and the data order."""
     save_every: int = 0
     """Checkpoint every N steps into <output_dir>/checkpoints (0: never)."""
+    save_every_minutes: float = 30.0
+    """Also checkpoint when this many minutes passed since the last save (0: never), so a
+    preempted or crashed run loses at most that much work."""
     keep_last: int = 2
     """Complete checkpoints kept (older ones are deleted)."""
     resume: str | None = None
@@ -382,8 +433,21 @@ class TrainerConfig:
                 raise ConfigError(f"trainer.{key} must be >= 1")
         if self.max_steps is not None and self.max_steps < 1:
             raise ConfigError("trainer.max_steps must be >= 1 (or null to train for epochs)")
-        if self.lr <= 0:
-            raise ConfigError("trainer.lr must be > 0")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ConfigError(f"trainer.lr={self.lr} must be a finite number > 0")
+        for key in ("grad_clip", "save_every", "eval_every", "save_every_minutes"):
+            value = getattr(self, key)
+            if not (math.isfinite(value) and value >= 0):
+                raise ConfigError(f"trainer.{key}={value} must be >= 0")
+        if self.log_every < 1:
+            raise ConfigError("trainer.log_every must be >= 1")
+        try:
+            parse_size(self.export_max_shard_size)
+        except ValueError:
+            raise ConfigError(
+                f"trainer.export_max_shard_size={self.export_max_shard_size!r} is not a size "
+                '(e.g. "5GB", "200KB" or a number of bytes)'
+            ) from None
         if not 0.0 <= self.warmup_ratio < 1.0:
             raise ConfigError("trainer.warmup_ratio must be in [0, 1)")
         if self.keep_last < 1:
@@ -465,6 +529,12 @@ def register_schemas() -> None:
 
 def to_config(cfg: DictConfig | dict[str, Any]) -> Config:
     """Turn a composed config into typed dataclasses, running every cross-field check."""
+    unknown = _unknown_keys(cfg, Config)
+    if unknown:
+        raise ConfigError(
+            f"unknown config key {unknown[0]} (`+key=` adds keys Hydra would not check; "
+            "`rmtrain config` lists every key)"
+        )
     cfg = OmegaConf.merge(OmegaConf.structured(Config), cfg)  # type: ignore[assignment]
     missing = sorted(OmegaConf.missing_keys(cfg))
     if missing:
@@ -472,6 +542,22 @@ def to_config(cfg: DictConfig | dict[str, Any]) -> Config:
     obj = OmegaConf.to_object(cfg)
     assert isinstance(obj, Config)
     return obj
+
+
+def _unknown_keys(cfg: Any, cls: type, prefix: str = "") -> list[str]:
+    """Keys of `cfg` that no field of the dataclass `cls` declares (free-form dicts excepted)."""
+    if not isinstance(cfg, (DictConfig, dict)):
+        return []
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    out = []
+    for key in cfg:
+        name = str(key)
+        f = fields.get(name)
+        if f is None:
+            out.append(f"{prefix}{name}")
+        elif dataclasses.is_dataclass(f.default_factory):  # type: ignore[arg-type]
+            out += _unknown_keys(cfg[key], f.default_factory, f"{prefix}{name}.")  # type: ignore[arg-type]
+    return out
 
 
 def field_docs(cls: type) -> dict[str, str]:

@@ -12,17 +12,26 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import datetime
+import errno
 import importlib
 import os
+import pickle
+import re
+import shutil
+import signal
 import socket
 import sys
+import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import deepspeed
+import numpy as np
 import torch
 import torch.distributed as dist
 from deepspeed.accelerator import get_accelerator
@@ -30,6 +39,162 @@ from transformers import get_cosine_with_min_lr_schedule_with_warmup
 from transformers.integrations import HfDeepSpeedConfig
 
 from rmtrain.config import Config
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint cannot be written or read safely; the message names the file."""
+
+
+# The only globals (besides tensors and plain containers) DeepSpeed's checkpoint files hold,
+# found by saving ZeRO 0-3, fp32 and bf16: anything else is refused, so a planted pickle payload
+# never runs.
+def _deepspeed_safe_globals() -> list[Any]:
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    # numpy arrays (RNG state of checkpoints written before the state became plain lists): an
+    # array is rebuilt from its dtype and bytes, nothing is called.
+    from numpy._core.multiarray import _reconstruct  # type: ignore[attr-defined]
+
+    numpy_array = [_reconstruct, np.ndarray, np.dtype, np.dtypes.UInt32DType]
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address, *numpy_array]
+
+
+@contextlib.contextmanager
+def weights_only_loads() -> Iterator[None]:
+    """Make every `torch.load` inside (DeepSpeed's own loaders too, which pass
+    weights_only=False) a `weights_only=True` load that accepts only DeepSpeed's few globals.
+
+    A file that needs anything else raises CheckpointError naming the file."""
+    real_load = torch.load
+
+    def safe_load(f: Any, *args: Any, **kwargs: Any) -> Any:
+        kwargs["weights_only"] = True
+        try:
+            with torch.serialization.safe_globals(_deepspeed_safe_globals()):
+                return real_load(f, *args, **kwargs)
+        except pickle.UnpicklingError as err:
+            found = re.search(r"[Uu]nsupported (GLOBAL|global|operand)[^\n]*", str(err))
+            what = found.group(0).strip().rstrip(".") if found else type(err).__name__
+            raise CheckpointError(
+                f"{f}: refused to load: it holds something a checkpoint never holds and that "
+                f"could run code ({what})"
+            ) from None
+        except (RuntimeError, EOFError, OSError) as err:
+            raise CheckpointError(f"{f}: unreadable checkpoint file ({err})") from None
+
+    torch.load = safe_load  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        torch.load = real_load
+
+
+def no_space(err: BaseException, path: Path, last_good: Path | None) -> CheckpointError | None:
+    """The one-line error for a write that failed because the disk is full (None otherwise).
+
+    torch.save reports a full disk as a RuntimeError about file positions, safetensors as its own
+    error: besides ENOSPC, a failed write on a disk left with almost no free space counts."""
+    full = getattr(err, "errno", None) == errno.ENOSPC or "No space left" in str(err)
+    if not full:
+        where = Path(path)
+        while not where.exists() and where != where.parent:
+            where = where.parent
+        with contextlib.suppress(OSError):
+            full = shutil.disk_usage(where).free < 16 * 2**20
+    if not full:
+        return None
+    good = f"the last good checkpoint is {last_good}" if last_good else "there is no checkpoint"
+    return CheckpointError(f"no space left on device at {path}; {good}")
+
+
+PREEMPTED_EXIT = 75
+"""Exit code of every rank that saved a checkpoint and stopped on SIGTERM / SIGUSR1 (EX_TEMPFAIL:
+try again; launch/slurm.sbatch requeues the job on it)."""
+
+
+class Stopped(Exception):
+    """A stop was requested (a signal, or the launcher exited); a checkpoint was saved."""
+
+    def __init__(self, reason: str, step: int, path: Path) -> None:
+        super().__init__(
+            f"stopped at step {step} ({reason}); checkpoint {path}; continue with "
+            "trainer.resume=auto"
+        )
+        self.step, self.path = step, path
+
+
+class StopRequest:
+    """SIGTERM / SIGUSR1 (what SLURM sends before preemption), or this rank's launcher exiting,
+    become a request the checkpointer acts on at the next step boundary: every rank saves, then
+    raises Stopped. A rank whose launcher is gone also ends itself after `grace_s` regardless,
+    so ranks never outlive their launcher."""
+
+    def __init__(self, grace_s: float = 120.0) -> None:
+        self.reason: str | None = None
+        self.grace_s = grace_s
+        self._previous: dict[int, Any] = {}
+
+    def install(self) -> StopRequest:
+        self._previous = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGUSR1):
+                self._previous[sig] = signal.signal(sig, self._on_signal)
+        launcher = _launcher_pid()
+        if launcher is not None:
+            _die_with_parent()
+            threading.Thread(target=self._watch, args=(launcher,), daemon=True).start()
+        return self
+
+    def uninstall(self) -> None:
+        """Give the signals back (a run inside a longer-lived process: a multirun, tests)."""
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        self.reason = signal.Signals(signum).name
+
+    def _watch(self, pid: int) -> None:
+        while _alive(pid):
+            time.sleep(1.0)
+        self.reason = self.reason or f"the launcher (pid {pid}) exited"
+        time.sleep(self.grace_s)
+        print(f"rmtrain: error: {self.reason}; ending this rank", file=sys.stderr, flush=True)
+        os._exit(1)
+
+    def stopped(self, step: int, path: Path) -> None:
+        raise Stopped(self.reason or "stop requested on another rank", step, path)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def _launcher_pid() -> int | None:
+    """The outermost launcher process above this rank (deepspeed runner, torchrun), if any."""
+    found, pid = None, os.getppid()
+    for _ in range(4):
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            break
+        if not any(k in cmd for k in ("deepspeed", "torchrun", "torch.distributed.run")):
+            break
+        found, pid = pid, int(stat.rsplit(")", 1)[1].split()[1])
+    return found
+
+
+def _die_with_parent() -> None:
+    """Ask the kernel for SIGTERM when the parent process dies (Linux PR_SET_PDEATHSIG)."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)
 
 
 @dataclass(frozen=True)
@@ -70,7 +235,14 @@ def init_distributed(timeout_s: int) -> DistEnv:
         if "OMP_NUM_THREADS" not in os.environ:
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
     backend = "gloo" if on_cpu() else None
-    deepspeed.init_distributed(dist_backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
+    timeout = datetime.timedelta(seconds=timeout_s)
+    # Process groups DeepSpeed creates later (new_group without a timeout) take torch's default
+    # (30 min), not the world's: make deepspeed.timeout_s the default for every group.
+    c10d = importlib.import_module("torch.distributed.distributed_c10d")
+    c10d.default_pg_timeout = timeout  # type: ignore[attr-defined]
+    if not on_cpu():
+        c10d.default_pg_nccl_timeout = timeout  # type: ignore[attr-defined]
+    deepspeed.init_distributed(dist_backend=backend, timeout=timeout)
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if on_cpu():
         device = torch.device("cpu")
@@ -276,12 +448,32 @@ class Engine:
         self.ds.save_checkpoint(str(directory), tag=tag, client_state=client_state)
 
     def load_checkpoint(self, directory: Path, tag: str) -> dict[str, Any]:
-        path, client_state = self.ds.load_checkpoint(
-            str(directory), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
-        )
+        with weights_only_loads():
+            path, client_state = self.ds.load_checkpoint(
+                str(directory), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
+            )
         if path is None:
-            raise FileNotFoundError(f"no DeepSpeed checkpoint {tag!r} in {directory}")
+            raise CheckpointError(f"no DeepSpeed checkpoint {tag!r} in {directory}")
         return dict(client_state or {})
+
+    def set_peak_lr(self, lr: float) -> None:
+        """Use `lr` as the schedule's peak from now on (a resume with a changed trainer.lr: the
+        loaded scheduler state would otherwise keep the old one)."""
+        sched = self.ds.lr_scheduler
+        sched.base_lrs = [lr for _ in sched.base_lrs]
+        for group, fn in zip(sched.optimizer.param_groups, sched.lr_lambdas, strict=True):
+            group["initial_lr"] = lr
+            group["lr"] = lr * fn(sched.last_epoch)
+
+    def weights_finite(self) -> bool:
+        """Whether every rank's (local shard of the) weights is finite. Every rank must call."""
+        bad = 0.0
+        for p in self.module.parameters():
+            local = getattr(p, "ds_tensor", p.data)
+            if local.numel() and not bool(torch.isfinite(local).all()):
+                bad = 1.0
+                break
+        return float(all_reduce_sum(torch.tensor([bad]))[0]) == 0.0
 
     def close(self) -> None:
         if self.stage == 3:
@@ -295,11 +487,11 @@ def consolidate_checkpoint(path: Path) -> dict[str, torch.Tensor]:
     whole module in its model-states file."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    if any(path.glob("*zero_pp_rank_*_optim_states.pt")):
-        sd = get_fp32_state_dict_from_zero_checkpoint(str(path.parent), tag=path.name)
-    else:
-        file = path / "mp_rank_00_model_states.pt"
-        sd = torch.load(file, map_location="cpu", weights_only=False)["module"]
+    with weights_only_loads():
+        if any(path.glob("*zero_pp_rank_*_optim_states.pt")):
+            sd = get_fp32_state_dict_from_zero_checkpoint(str(path.parent), tag=path.name)
+        else:
+            sd = torch.load(path / "mp_rank_00_model_states.pt", map_location="cpu")["module"]
     return {k: v.detach().float().clone().contiguous() for k, v in sd.items()}
 
 

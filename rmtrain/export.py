@@ -56,8 +56,14 @@ def main() -> None:
     args = parser.parse_args()
     try:
         export_checkpoint(args.path, args.out, args.max_shard_size)
-    except (FileNotFoundError, ValueError) as err:
+    except (FileNotFoundError, ValueError, engine.CheckpointError) as err:
         print(f"rmtrain export: error: {err}", file=sys.stderr)
+        sys.exit(2)
+    except OSError as err:
+        full = engine.no_space(err, args.out or args.path, None)
+        if full is None:
+            raise
+        print(f"rmtrain export: error: {full}", file=sys.stderr)
         sys.exit(2)
 
 

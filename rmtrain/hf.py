@@ -12,6 +12,7 @@ The name ``tiny`` is resolved here, and only here, to the toy model and tokenize
 
 from __future__ import annotations
 
+import errno
 import shutil
 from pathlib import Path
 from typing import Any
@@ -214,10 +215,37 @@ def export(
     `apply_chat_template(chat, tokenize=False)` on the export gives exactly the text it scores.
     """
     out_dir = Path(out_dir)
+    bad = [k for k, v in state_dict.items() if not bool(torch.isfinite(v).all())]
+    if bad:
+        raise ValueError(
+            f"refusing to export to {out_dir}: {len(bad)} weight tensors hold NaN/inf "
+            f"(first: {bad[0]}); the run diverged"
+        )
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    try:
+        _write_export(state_dict, model_config, tokenizer, tmp, max_shard_size, extra_config)
+        (tmp / "README.md").write_text(model_card)
+    except Exception as err:
+        shutil.rmtree(tmp, ignore_errors=True)  # never leave a half-written export behind
+        if getattr(err, "errno", None) == errno.ENOSPC or "No space left" in str(err):
+            raise OSError(errno.ENOSPC, f"no space left on device at {out_dir}") from None
+        raise
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    tmp.rename(out_dir)
+    return out_dir
 
+
+def _write_export(
+    state_dict: dict[str, torch.Tensor],
+    model_config: PretrainedConfig,
+    tokenizer: PreTrainedTokenizerBase,
+    tmp: Path,
+    max_shard_size: str | int,
+    extra_config: dict[str, Any],
+) -> None:
+    tmp.mkdir(parents=True)
     config = model_config.__class__.from_dict(model_config.to_dict())
     config.architectures = ["LlamaForSequenceClassification"]
     config.num_labels = 1
@@ -228,9 +256,3 @@ def export(
     config.save_pretrained(tmp)
     save_torch_state_dict(state_dict, tmp, max_shard_size=max_shard_size)
     tokenizer.save_pretrained(tmp)
-    (tmp / "README.md").write_text(model_card)
-
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    tmp.rename(out_dir)
-    return out_dir

@@ -8,9 +8,12 @@ parses the command line; the rank comes from the LOCAL_RANK environment variable
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
+import shutil
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,14 +28,40 @@ from transformers import set_seed
 from rmtrain import engine, hf, text
 from rmtrain.batching import BatchPlan, TokenBudgetPlan
 from rmtrain.card import write_export
-from rmtrain.checkpoint import Checkpointer, check_compatible, find_resume_point, read_marker
+from rmtrain.checkpoint import (
+    Checkpointer,
+    check_compatible,
+    complete_checkpoints,
+    find_resume_point,
+    read_marker,
+)
 from rmtrain.config import Config, ConfigError, register_schemas, to_config
 from rmtrain.data.assemble import RunData, load_run_data, summary
 from rmtrain.data.collate import collate_pairs
 from rmtrain.data.errors import DataError
 from rmtrain.loggers import build_logger
 from rmtrain.record import RunRecord
-from rmtrain.trainer import Trainer
+from rmtrain.trainer import DivergenceError, Trainer
+
+# Keys that may change when a run is resumed; they take effect from the resumed step (and the
+# marker records the change). Any other difference from the checkpoint's config is refused.
+RESUME_MAY_CHANGE = (
+    "trainer.lr",
+    "trainer.max_steps",
+    "trainer.eval_every",
+    "trainer.eval_at_start",
+    "trainer.save_every",
+    "trainer.save_every_minutes",
+    "trainer.log_every",
+    "trainer.keep_last",
+    "trainer.resume",
+    "trainer.export",
+    "trainer.export_max_shard_size",
+    "deepspeed.timeout_s",
+    "output_dir",
+    "run_name",
+    "logger.",
+)
 
 CONFIG_DIR = next(
     p
@@ -46,20 +75,98 @@ SEQ_COLUMNS = ("chosen_input_ids", "rejected_input_ids")
 
 def main() -> None:
     sys.argv = [a for a in sys.argv if not a.startswith("--local_rank")]
+    try:
+        check_command_line(sys.argv[1:])
+    except ConfigError as err:
+        if os.environ.get("RANK", "0") == "0":
+            print(f"rmtrain: error: {err}", file=sys.stderr, flush=True)
+        sys.exit(2)
     register_schemas()
     _hydra_main()
+
+
+def check_command_line(argv: list[str]) -> None:
+    """Refuse, before Hydra runs anything: a sweep under a multi-rank launcher (each rank would
+    run the jobs on its own), and code in a config: `_target_` keys or `hydra.callbacks` in a
+    `--config-path` directory (a saved run's config.yaml is plain data) or on the command line.
+    """
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and any(
+        a in ("-m", "--multirun") or a.startswith("hydra.mode=") for a in argv
+    ):
+        raise ConfigError(
+            "a Hydra multirun (-m) cannot run under a multi-rank launcher; start one launch "
+            "per setting (e.g. a shell loop over launch/cpu.sh)"
+        )
+    for a in argv:
+        if "_target_" in a or a.lstrip("+~").startswith("hydra.callbacks"):
+            raise ConfigError(f"{a}: configs hold data, not code (_target_ / hydra.callbacks)")
+    config_path = None
+    for i, a in enumerate(argv):
+        if a in ("--config-path", "-cp") and i + 1 < len(argv):
+            config_path = argv[i + 1]
+        elif a.startswith("--config-path="):
+            config_path = a.split("=", 1)[1]
+    if config_path is not None:
+        for file in sorted(Path(config_path).rglob("*.yaml")):
+            found = _code_keys(OmegaConf.to_container(OmegaConf.load(file)), "")
+            if found:
+                raise ConfigError(
+                    f"{file}: refusing to run a config that holds code ({found}); rmtrain "
+                    "writes plain data, so this was added by hand"
+                )
+
+
+def _code_keys(node: Any, prefix: str) -> str | None:
+    if isinstance(node, dict):
+        for key, value in node.items():
+            path = f"{prefix}{key}"
+            if key == "_target_" or path == "hydra.callbacks":
+                return path
+            found = _code_keys(value, f"{path}.")
+            if found:
+                return found
+    elif isinstance(node, list):
+        for i, value in enumerate(node):
+            found = _code_keys(value, f"{prefix}{i}.")
+            if found:
+                return found
+    return None
 
 
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="config")
 def _hydra_main(dcfg: DictConfig) -> None:
     try:
         run(dcfg)
-    except (ConfigError, DataError, text.TextError) as err:
+    except engine.Stopped as stop:
+        if os.environ.get("RANK", "0") == "0":
+            print(f"rmtrain: {stop}", file=sys.stderr, flush=True)
+        engine.shutdown(engine.PREEMPTED_EXIT)
+        sys.exit(engine.PREEMPTED_EXIT)
+    except (
+        ConfigError,
+        DataError,
+        text.TextError,
+        engine.CheckpointError,
+        DivergenceError,
+    ) as err:
         if os.environ.get("RANK", "0") == "0":
             print(f"rmtrain: error: {err}", file=sys.stderr, flush=True)
             with contextlib.suppress(OSError):  # the run directory, if the error left it empty
                 Path(dcfg.output_dir).rmdir()
         sys.exit(2)
+    except RuntimeError as err:  # gloo/nccl: a collective waited longer than deepspeed.timeout_s
+        if "timed out" not in str(err).lower() and "timeout" not in str(err).lower():
+            raise
+        first = str(err).strip().splitlines()[0]
+        print(
+            f"rmtrain: error: rank {os.environ.get('RANK', '0')}: a collective timed out after "
+            f"deepspeed.timeout_s={dcfg.deepspeed.timeout_s} s (another rank stalled or died): "
+            f"{first}",
+            file=sys.stderr,
+            flush=True,
+        )
+        sys.stdout.flush()
+        os._exit(2)  # the process group is unusable: no orderly shutdown
 
 
 def run(dcfg: DictConfig) -> dict[str, float]:
@@ -70,13 +177,36 @@ def run(dcfg: DictConfig) -> dict[str, float]:
     cfg = to_config(dcfg)  # every check runs here, before any process group exists
     env = engine.init_distributed(cfg.deepspeed.timeout_s)
     output_dir = agree_output_dir(cfg.output_dir, env)
+    stop = engine.StopRequest().install()
+    try:
+        with run_lock(output_dir, env):
+            return _run(dcfg, cfg, env, output_dir, stop)
+    finally:
+        stop.uninstall()
+
+
+def _run(
+    dcfg: DictConfig, cfg: Config, env: engine.DistEnv, output_dir: Path, stop: engine.StopRequest
+) -> dict[str, float]:
     dcfg.output_dir = str(output_dir)
     config_dict: dict[str, Any] = OmegaConf.to_container(dcfg, resolve=True)  # type: ignore[assignment]
 
     tokenizer = hf.load_tokenizer(cfg.model)
     text.use_template(tokenizer, cfg.data.template)  # the text format trained and exported
-    arch = hf.architecture(hf.score_model_config(cfg.model, tokenizer), tokenizer)
+    model_config = hf.score_model_config(cfg.model, tokenizer)
+    context = getattr(model_config, "max_position_embeddings", None)
+    if context is not None and cfg.data.max_length > context:
+        raise ConfigError(
+            f"data.max_length={cfg.data.max_length} exceeds the model's context "
+            f"({context} positions)"
+        )
+    arch = hf.architecture(model_config, tokenizer)
     resume_from = check_resume(cfg, output_dir, arch, env)
+    changes: dict[str, Any] = {}
+    if resume_from is not None:
+        changes = resume_changes(read_marker(resume_from)["run"]["config"], config_dict)
+        if env.is_main:
+            drop_metrics_after(output_dir / "metrics.jsonl", read_marker(resume_from)["step"])
     data, record = load_data(cfg, tokenizer, config_dict)
     if resume_from is not None:
         check_same_data(read_marker(resume_from), record, resume_from)
@@ -112,10 +242,20 @@ def run(dcfg: DictConfig) -> dict[str, float]:
         run={"config": record.config, "data": record.data, "held_out": record.held_out},
         architecture=arch,
         hf_files=(eng.module.config, tokenizer),
+        every_minutes=t.save_every_minutes,
+        stop=stop,
     )
     trainer.checkpointer = checkpointer
+    if env.is_main:
+        warn_disk_space(eng, output_dir, t.keep_last)
     if resume_from is not None:
         step = checkpointer.load(resume_from)
+        eng.set_peak_lr(t.lr)  # the loaded scheduler state holds the old peak
+        history = list(read_marker(resume_from)["run"].get("resumed", []))
+        if changes:
+            history.append({"step": step, "changed": changes})
+            print(f"resume: from step {step} on, {_describe(changes)}", flush=True)
+        checkpointer.run["resumed"] = history
         print(f"resumed from {resume_from} at step {step}", flush=True)
     elif env.is_main:
         save_config(config_dict, output_dir / "config.yaml")
@@ -134,18 +274,130 @@ def run(dcfg: DictConfig) -> dict[str, float]:
                 if cfg.model.lora.save_adapter:
                     hf.save_adapter(eng.module, state_dict, output_dir / "export_adapter")
                 state_dict = hf.merge_lora(state_dict, cfg.model.lora)
-            write_export(record, state_dict, eng.module.config, tokenizer, output_dir / "export")
+            try:
+                write_export(
+                    record, state_dict, eng.module.config, tokenizer, output_dir / "export"
+                )
+            except Exception as err:
+                last = complete_checkpoints(output_dir / "checkpoints")
+                full = engine.no_space(err, output_dir / "export", last[-1] if last else None)
+                if full is None:
+                    raise
+                raise full from None
         engine.barrier()
     eng.close()
     engine.shutdown()
     return result
 
 
+@contextlib.contextmanager
+def run_lock(output_dir: Path, env: engine.DistEnv) -> Iterator[None]:
+    """One run per directory: rank 0 holds an exclusive flock on <output_dir>/.rmtrain.lock for
+    the run's life (released by the kernel however the process ends)."""
+    holder = None
+    error = None
+    if env.is_main:
+        holder = (output_dir / ".rmtrain.lock").open("a+")
+        try:
+            fcntl.flock(holder, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            holder.seek(0)
+            holder.truncate()
+            holder.write(f"{os.getpid()}\n")
+            holder.flush()
+        except BlockingIOError:
+            holder.seek(0)
+            pid = holder.read().strip() or "?"
+            holder.close()
+            holder = None
+            error = f"output_dir={output_dir} is in use by another run (pid {pid}); wait for it"
+    error = engine.broadcast_object(error)
+    if error:
+        raise ConfigError(error)
+    try:
+        yield
+    finally:
+        if holder is not None:
+            holder.close()
+
+
+def resume_changes(saved: dict[str, Any], now: dict[str, Any]) -> dict[str, list[Any]]:
+    """{key: [was, now]} for the keys allowed to change on resume; ConfigError for any other."""
+    was_flat, now_flat = _flatten(saved), _flatten(now)
+    changes: dict[str, list[Any]] = {}
+    for key in sorted(was_flat.keys() | now_flat.keys()):
+        was, new = was_flat.get(key), now_flat.get(key)
+        if was == new:
+            continue
+        if not any(key == k or (k.endswith(".") and key.startswith(k)) for k in RESUME_MAY_CHANGE):
+            raise ConfigError(
+                f"cannot resume with {key}={new!r}: the checkpoint was trained with {was!r}. "
+                f"Only {', '.join(k.rstrip('.') for k in RESUME_MAY_CHANGE)} may change on resume"
+            )
+        if key not in ("trainer.resume", "output_dir"):
+            changes[key] = [was, new]
+    return changes
+
+
+def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(node, dict) and node:
+        out: dict[str, Any] = {}
+        for key, value in node.items():
+            out.update(_flatten(value, f"{prefix}{key}."))
+        return out
+    return {prefix.rstrip("."): node}
+
+
+def _describe(changes: dict[str, list[Any]]) -> str:
+    return ", ".join(f"{k}={new!r} (was {was!r})" for k, (was, new) in changes.items())
+
+
+def drop_metrics_after(path: Path, step: int) -> None:
+    """Remove the lines a killed run logged after its last checkpoint: they are re-run."""
+    if not path.exists():
+        return
+    lines = path.read_text().splitlines(keepends=True)
+    keep = [line for line in lines if json.loads(line).get("step", 0) <= step]
+    if len(keep) != len(lines):
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text("".join(keep))
+        tmp.replace(path)
+
+
+def warn_disk_space(eng: engine.Engine, output_dir: Path, keep_last: int) -> None:
+    """Warn up front when the disk cannot hold the checkpoints (about 16 bytes per parameter:
+    weights, fp32 master copy and two Adam moments) plus an export."""
+    params = sum(getattr(p, "ds_numel", p.numel()) for p in eng.module.parameters())
+    need = params * (16 * (keep_last + 1) + 4)
+    free = shutil.disk_usage(output_dir).free
+    if free < need:
+        print(
+            f"rmtrain: warning: {_size(free)} free at {output_dir}, checkpoints and export "
+            f"need about {_size(need)}",
+            file=sys.stderr,
+            flush=True,
+        )
+
+
+def _size(n: float) -> str:
+    return f"{n / 1e9:.1f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
+
+
 def check_resume(
     cfg: Config, output_dir: Path, architecture: dict[str, Any], env: engine.DistEnv
 ) -> Path | None:
     """The checkpoint to resume from, checked against this run before anything is built."""
-    resume_from = find_resume_point(cfg.trainer.resume, output_dir)
+    # Rank 0 reads and verifies the checkpoints; every rank gets its answer (or its error).
+    found: tuple[str | None, str | None] = (None, None)
+    if env.is_main:
+        try:
+            point = find_resume_point(cfg.trainer.resume, output_dir)
+            found = (str(point) if point else None, None)
+        except (ConfigError, engine.CheckpointError) as err:
+            found = (None, str(err))
+    path, error = engine.broadcast_object(found)
+    if error:
+        raise engine.CheckpointError(error)
+    resume_from = Path(path) if path else None
     if resume_from is not None:
         layout = {"zero_stage": cfg.deepspeed.stage, "world_size": env.world_size}
         check_compatible(read_marker(resume_from), architecture, layout, resume_from)

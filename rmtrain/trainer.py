@@ -38,6 +38,10 @@ from rmtrain.packing import (
 Collate = Callable[[list[dict[str, Any]]], dict[str, torch.Tensor]]
 
 
+class DivergenceError(RuntimeError):
+    """The loss or the gradient norm became NaN/inf: the run stops, nothing more is written."""
+
+
 class Saver(Protocol):
     """What the loop needs of a checkpointer (rmtrain.checkpoint.Checkpointer)."""
 
@@ -132,6 +136,7 @@ class Trainer:
             self.step += 1
             last = self.step == self.total_steps
             metrics = self.train_step()
+            self._check_finite(metrics)
             if last or (t.eval_every and self.step % t.eval_every == 0):
                 self.last_eval = self.evaluate()
                 metrics.update(self.last_eval)
@@ -140,6 +145,21 @@ class Trainer:
             if self.checkpointer is not None:
                 self.checkpointer.maybe_save(self.step, last)
         return self.last_eval
+
+    def _check_finite(self, metrics: dict[str, Any]) -> None:
+        """The divergence guard: a non-finite loss or gradient norm ends the run at this step,
+        before it is checkpointed or exported (the values are the same on every rank)."""
+        bad = [
+            f"{k.removeprefix('train/')}={metrics[k]}"
+            for k in ("train/loss", "train/grad_norm")
+            if k in metrics and not math.isfinite(metrics[k])
+        ]
+        if bad:
+            self.logger.log(metrics, self.step)
+            raise DivergenceError(
+                f"training diverged at step {self.step}: {', '.join(bad)} (trainer.lr="
+                f"{self.cfg.trainer.lr}); stopped with no checkpoint or export of these weights"
+            )
 
     # -- state ----------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

@@ -258,7 +258,7 @@ def test_slurm_dry_run(tmp_path: Path) -> None:
         "--master_addr", "gpu07", "--master_port", "29500",
         "--node_rank", "$SLURM_NODEID", "-m", "rmtrain.train", "$@",
     ]  # fmt: skip
-    assert node_args == ["output_dir=outputs/slurm-4242", *OVERRIDES]
+    assert node_args == ["output_dir=outputs/slurm-4242", *OVERRIDES, "trainer.resume=auto"]
 
 
 def test_slurm_dry_run_outside_slurm() -> None:
@@ -268,7 +268,7 @@ def test_slurm_dry_run_outside_slurm() -> None:
     assert node_script[node_script.index("--master_addr") + 1] == "localhost"
     assert node_script[node_script.index("--nnodes") + 1] == "1"
     assert node_script[node_script.index("--nproc_per_node") + 1] == "2"
-    assert node_args == ["output_dir=outputs/slurm-dryrun", *OVERRIDES]
+    assert node_args == ["output_dir=outputs/slurm-dryrun", *OVERRIDES, "trainer.resume=auto"]
 
 
 @pytest.mark.skipif(shutil.which("scontrol") is not None, reason="real scontrol on PATH")
@@ -291,7 +291,7 @@ def test_slurm_deepspeed_launcher_dry_run(tmp_path: Path) -> None:
                         ("--module", "rmtrain.train")]:  # fmt: skip
         assert node_script[node_script.index(flag) + 1] == value
     assert "--no_ssh" in node_script
-    assert node_args == ["output_dir=/shared/x"]  # the user's, not a second one
+    assert node_args == ["output_dir=/shared/x", "trainer.resume=auto"]  # the user's only
     assert not (tmp_path / "shared").exists()
 
 
@@ -325,7 +325,7 @@ def test_slurm_runs_one_launcher_per_node(tmp_path: Path, launcher: str) -> None
         assert argv[0] == launcher
         assert argv[argv.index("--node_rank") + 1] == str(node_rank)
         assert argv[argv.index("--master_addr") + 1] == "gpu07"
-        assert argv[-3:] == ["rmtrain.train", *args]
+        assert argv[-4:] == ["rmtrain.train", *args, "trainer.resume=auto"]
     if launcher == "deepspeed":
         assert (out / "hostfile").read_text() == "gpu07 slots=8\ngpu08 slots=8\n"
 

@@ -54,9 +54,16 @@ def scan_jsonl(path: Path, cfg: DataConfig | None = None, limit: int | None = No
     one type per column and may coerce a cell ("0" in an int column, ...) instead of failing,
     or fail on the file as a whole; the raw values give the exact line and the cell as written.
     """
+    try:
+        return _scan_lines(path, cfg, limit)
+    except (lzma.LZMAError, EOFError, OSError) as e:  # a corrupt or truncated .xz
+        return f"{path}: cannot read it: {type(e).__name__}: {e}"
+
+
+def _scan_lines(path: Path, cfg: DataConfig | None, limit: int | None) -> str | None:
     schema: Schema | None = None
     fields: tuple[str, ...] = ()
-    seen = 0
+    seen = n = 0
     for n, raw in enumerate(_open_lines(path), 1):
         if limit is not None and seen >= limit:
             break
@@ -79,6 +86,8 @@ def scan_jsonl(path: Path, cfg: DataConfig | None = None, limit: int | None = No
         found = schema.row_problem(row, fields)
         if found:
             return where(str(path), n, *found)
+    if schema is None:
+        return f"{path}: no rows ({'empty file' if n == 0 else 'only blank lines'})"
     return None
 
 
@@ -197,7 +206,9 @@ def _load_pieces(cfg: DataConfig, split: str) -> list[_Piece]:
 
 
 def _validate(piece: _Piece, cfg: DataConfig) -> None:
-    if piece.file is not None:  # the raw lines give the exact line and the raw value
+    if piece.file is not None:
+        # The raw lines first: datasets may coerce a "true" string to a bool, and keeps invalid
+        # UTF-8 that fails only when read; the raw values give the exact line and cell.
         message = scan_jsonl(piece.file, cfg, limit=len(piece.ds))
         if message:
             raise DataError(message)
