@@ -317,6 +317,9 @@ def run_lock(output_dir: Path, env: engine.DistEnv) -> Iterator[None]:
         yield
     finally:
         if holder is not None:
+            lock = output_dir / ".rmtrain.lock"
+            if [p.name for p in output_dir.iterdir()] == [lock.name]:
+                lock.unlink()  # a run that failed before writing anything leaves no directory
             holder.close()
 
 

@@ -37,7 +37,9 @@ def test_real_benchmark_files_give_per_subset_accuracy(export, tmp_path, capsys,
     data = SHARED_DATA / name
     if not data.exists():
         pytest.skip(f"real benchmark sample not found at {data}")
-    summary, printed = _eval(export, data, tmp_path, capsys, "--batch-size", "16")
+    summary, printed = _eval(
+        export, data, tmp_path, capsys, "--batch-size", "16", "--max-length", "96"
+    )
     subsets = {json.loads(line)["subset"] for line in data.read_text().splitlines()}
     assert set(summary["by_subset"]) == subsets
     for subset in subsets:
