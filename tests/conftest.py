@@ -92,9 +92,14 @@ def tiny_score_config(vocab_size: int, hidden: int = 32, **extra: Any) -> Any:
 
 
 def make_export(
-    out: Path, template: str = "safe_rlhf", seed: int = 0, meta: dict[str, Any] | None = None
+    out: Path,
+    template: str = "safe_rlhf",
+    seed: int = 0,
+    meta: dict[str, Any] | None = None,
+    **config: Any,
 ) -> Path:
-    """An export as a run writes it, without training: a random tiny score model + hf.export."""
+    """An export as a run writes it, without training: a random tiny score model + hf.export.
+    `config`: extra LlamaConfig fields (e.g. rope_theta)."""
     import torch
 
     from rmtrain import hf, text
@@ -104,7 +109,7 @@ def make_export(
     tok = build_tiny_tokenizer()
     text.use_template(tok, template)
     torch.manual_seed(seed)
-    config = tiny_score_config(len(tok), num_labels=1, pad_token_id=tok.pad_token_id)
+    config = tiny_score_config(len(tok), num_labels=1, pad_token_id=tok.pad_token_id, **config)
     model = LlamaScoreModel(config).eval()
     info = {"objective": "reward", "template": template, "score_stats": {}, **(meta or {})}
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
