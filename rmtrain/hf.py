@@ -5,6 +5,8 @@ An export is what plain transformers loads with
 `config.json` (LlamaForSequenceClassification, num_labels=1, pad_token_id set), sharded
 `model-0000k-of-0000N.safetensors` + `model.safetensors.index.json`, the tokenizer files with the
 chat template the model was trained with (:mod:`rmtrain.text`), and a `README.md` model card.
+Written by transformers 5, it also loads in transformers 4.x from 4.34.1 on
+(:func:`add_legacy_keys`; `tests/test_export_compat.py`).
 
 The name ``tiny`` is resolved here, and only here, to the toy model and tokenizer
 (:mod:`rmtrain.toy`); every other name is a local directory or a hub id.
@@ -13,6 +15,7 @@ The name ``tiny`` is resolved here, and only here, to the toy model and tokenize
 from __future__ import annotations
 
 import errno
+import json
 import shutil
 from pathlib import Path
 from typing import Any
@@ -256,3 +259,74 @@ def _write_export(
     config.save_pretrained(tmp)
     save_torch_state_dict(state_dict, tmp, max_shard_size=max_shard_size)
     tokenizer.save_pretrained(tmp)
+    add_legacy_keys(tmp, list(tokenizer.model_input_names))
+
+
+# The tokenizer classes transformers 5 writes that 4.x does not know, and the class 4.x loads the
+# same `tokenizer.json` with.
+_V5_TOKENIZER_CLASSES = ("TokenizersBackend",)
+
+
+def add_legacy_keys(export_dir: Path, model_input_names: list[str]) -> None:
+    """Make an export written by transformers 5 load, with the same weights, template and ids,
+    in transformers 4.x down to 4.34 (RLHF stacks that consume reward models often run it).
+
+    Only keys 4.x reads are added or rewritten; transformers 5 reads the export as before:
+
+    - config.json: ``torch_dtype`` next to ``dtype``, and ``rope_theta`` (+ ``rope_scaling`` for a
+      non-default RoPE) next to ``rope_parameters`` — without them 4.x silently uses its default
+      theta (10000), wrong for most real backbones;
+    - tokenizer_config.json: ``tokenizer_class`` PreTrainedTokenizerFast in place of 5's
+      TokenizersBackend; a list of ``extra_special_tokens`` as ``additional_special_tokens``
+      (4.x wants a dict there; 5 reads the old key as the same list); ``model_input_names``
+      (4.x's default adds ``token_type_ids``, which LlamaForSequenceClassification.forward
+      rejects before 4.47); the chat template inline as ``chat_template`` too (4.x before
+      4.50 does not read ``chat_template.jinja``);
+    - tokenizer.json: BPE merges as ``"a b"`` strings, the format tokenizers < 0.20
+      (transformers < 4.45) reads, unless a merged piece contains a space.
+    """
+    cfg_path = export_dir / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    if "dtype" in cfg:
+        cfg.setdefault("torch_dtype", cfg["dtype"])
+    rope = cfg.get("rope_parameters")
+    if isinstance(rope, dict) and "rope_theta" in rope:  # one global RoPE (LLaMA), not per layer
+        cfg.setdefault("rope_theta", rope["rope_theta"])
+        scaling = {k: v for k, v in rope.items() if k != "rope_theta"}
+        if scaling.get("rope_type", "default") != "default":
+            cfg.setdefault("rope_scaling", scaling)
+    _write_json(cfg_path, cfg, sort_keys=True)
+
+    tok_path = export_dir / "tokenizer_config.json"
+    if tok_path.is_file():
+        tok_cfg = json.loads(tok_path.read_text())
+        if tok_cfg.get("tokenizer_class") in _V5_TOKENIZER_CLASSES:
+            tok_cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
+        extra = tok_cfg.get("extra_special_tokens")
+        if isinstance(extra, list):
+            tok_cfg.pop("extra_special_tokens")
+            tok_cfg.setdefault("additional_special_tokens", extra)
+        tok_cfg.setdefault("model_input_names", model_input_names)
+        template_file = export_dir / "chat_template.jinja"
+        if template_file.is_file():
+            tok_cfg.setdefault("chat_template", template_file.read_text())
+        _write_json(tok_path, tok_cfg, sort_keys=True)
+
+    tok_json = export_dir / "tokenizer.json"
+    if tok_json.is_file():
+        data = json.loads(tok_json.read_text(encoding="utf-8"))
+        model = data.get("model") or {}
+        merges = model.get("merges")
+        if (
+            model.get("type") == "BPE"
+            and isinstance(merges, list)
+            and all(isinstance(m, list) and len(m) == 2 for m in merges)
+            and not any(" " in part for m in merges for part in m)
+        ):
+            model["merges"] = [f"{a} {b}" for a, b in merges]
+            _write_json(tok_json, data, sort_keys=False)
+
+
+def _write_json(path: Path, obj: Any, sort_keys: bool) -> None:
+    text = json.dumps(obj, indent=2, sort_keys=sort_keys, ensure_ascii=False)
+    path.write_text(text + "\n", encoding="utf-8")

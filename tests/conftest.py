@@ -100,7 +100,8 @@ def make_export(
     meta: dict[str, Any] | None = None,
     **config: Any,
 ) -> Path:
-    """An export as a run writes it, without training: a random tiny score model + hf.export."""
+    """An export as a run writes it, without training: a random tiny score model + hf.export.
+    `config`: extra LlamaConfig fields (e.g. rope_theta)."""
     import torch
 
     from rmtrain import hf, text
