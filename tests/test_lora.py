@@ -47,8 +47,10 @@ def _train(run_dir: Path, nproc: int, extra: list[str]) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("stage", "nproc"), [(2, 1), (3, 2)], ids=["zero2", "zero3-2ranks"])
+@pytest.mark.parametrize(("stage", "nproc"), [(2, 1)], ids=["zero2"])
 def test_lora_learns_and_exports_a_plain_model(tmp_path: Path, stage: int, nproc: int) -> None:
+    """ZeRO-2 here; 2-rank ZeRO-3 LoRA trains, exports and resumes exactly in
+    test_resume.test_lora_sigkill_then_resume_matches_uninterrupted_run."""
     from test_e2e import check_export
 
     run_dir = tmp_path / "run"

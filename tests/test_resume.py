@@ -114,6 +114,9 @@ def test_lora_sigkill_then_resume_matches_uninterrupted_run(tmp_path: Path) -> N
     lora = [*ZERO3_2RANKS, "model.lora.enabled=true", "model.lora.r=8", "model.lora.alpha=16"]
     reference = tmp_path / "reference"
     check_ok(run_train([*lora, f"output_dir={reference}"], nproc=2))
+    from test_e2e import check_export
+
+    check_export(reference)  # a merged plain model that scores what the LoRA model scored
     run_dir = tmp_path / "killed"
     kill_then_resume(lora, run_dir, kill_from=10, steps=16)
     assert_same_run(reference, run_dir, 16)
