@@ -109,11 +109,11 @@ def use_template(tokenizer: Any, template: str) -> None:
     tokenizer.chat_template = trained_template(tokenizer, template)
 
 
-def check_messages(messages: Any) -> str | None:
-    """The problem with a conversation to score, or None: a non-empty list of {role, content}
-    ending with the assistant turn being scored."""
+def check_turns(messages: Any) -> str | None:
+    """The problem with a list of turns, or None: a non-empty list of {role, content} messages
+    (a prompt: it need not end with the assistant)."""
     if not isinstance(messages, list) or not messages:
-        return f"expected a non-empty list of {{role, content}} objects, got {messages!r:.60}"
+        return f"expected a non-empty list of {{role, content}} messages, got {messages!r:.60}"
     for i, m in enumerate(messages):
         if not isinstance(m, dict):
             return f"item {i}: expected an object with role and content, got {m!r:.40}"
@@ -121,6 +121,14 @@ def check_messages(messages: Any) -> str | None:
             return f"item {i}: role must be one of {', '.join(ROLES)}, got {m.get('role')!r:.40}"
         if not isinstance(m.get("content"), str):
             return f"item {i}: content must be a string, got {m.get('content')!r:.40}"
+    return None
+
+
+def check_messages(messages: Any) -> str | None:
+    """The problem with a conversation to score, or None: turns (:func:`check_turns`) ending
+    with the assistant turn being scored."""
+    if problem := check_turns(messages):
+        return problem
     if messages[-1]["role"] != "assistant":
         return "the last turn must be the assistant's (the response being scored)"
     return None

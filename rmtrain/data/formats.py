@@ -29,28 +29,14 @@ from rmtrain.data.schemas import (
     check_text,
     column_margins,
 )
-from rmtrain.text import ROLES, check_messages, exchange
+from rmtrain.text import check_messages, check_turns, exchange
 
 Conversation = list[dict[str, str]]
 
 
-def check_turns(v: Any) -> str | None:
-    """A non-empty list of {role, content} messages (a prompt: need not end with assistant)."""
-    if not isinstance(v, list) or not v:
-        return f"expected a non-empty list of {{role, content}} messages, got {v!r:.60}"
-    for i, m in enumerate(v):
-        if not isinstance(m, dict):
-            return f"item {i}: expected an object with role and content, got {m!r:.40}"
-        if m.get("role") not in ROLES:
-            return f"item {i}: role must be one of {', '.join(ROLES)}, got {m.get('role')!r:.40}"
-        if not isinstance(m.get("content"), str):
-            return f"item {i}: content must be a string, got {m.get('content')!r:.40}"
-    return None
-
-
 def check_conversation(v: Any) -> str | None:
     """Messages ending with the assistant turn being scored."""
-    return check_turns(v) or check_messages(v)
+    return check_messages(v)
 
 
 def check_text_list(v: Any) -> str | None:
