@@ -312,6 +312,7 @@ def run_rmtrain(
     from rmtrain import engine
     from rmtrain.config import to_config
     from rmtrain.data.collate import collate_pairs
+    from rmtrain.loggers import MetricLogger, Sink
     from rmtrain.model import LlamaScoreModel
     from rmtrain.trainer import Trainer
 
@@ -358,14 +359,12 @@ def run_rmtrain(
 
     logged: list[dict[str, Any]] = []
 
-    class Capture:
+    class Capture(Sink):
         def log(self, metrics: dict[str, Any], step: int) -> None:
             logged.append({"step": step, **metrics})
 
-        def close(self) -> None:
-            pass
-
-    trainer = Trainer(cfg, eng, plan, train_pairs, eval_pairs, collate, Capture())  # type: ignore[arg-type]
+    logger = MetricLogger([Capture()])
+    trainer = Trainer(cfg, eng, plan, train_pairs, eval_pairs, collate, logger)  # type: ignore[arg-type]
     trainer.fit()
     eng.close()
     steps = [m for m in logged if "train/loss" in m]

@@ -469,7 +469,7 @@ class WandbConfig:
     entity: str | None = None
     """wandb entity (team or user); None: your default."""
     name: str | None = None
-    """Run name; None: run_name."""
+    """wandb run name as is; None: run_name (or the experiment) plus the start time."""
     group: str | None = None
     """wandb group."""
     tags: list[str] = field(default_factory=list)
@@ -511,8 +511,9 @@ class Config:
     unsafe; needs data.preference=safer)."""
     output_dir: str = "outputs/run"
     """Where a run writes everything (config, metrics, checkpoints, export/)."""
-    run_name: str = "rmtrain"
-    """Name shown in logs and wandb."""
+    run_name: str | None = None
+    """Name shown in the report and wandb, followed by the start time; None: the experiment
+    preset's name (e.g. quickstart-20261122-231500)."""
 
     def __post_init__(self) -> None:
         _choice("objective", self.objective, ("reward", "cost"))

@@ -514,6 +514,22 @@ def broadcast_object(obj: Any) -> Any:
     return holder[0]
 
 
+def gather_object(obj: Any) -> list[Any] | None:
+    """Every rank's `obj`, in rank order, on rank 0 (None on the other ranks)."""
+    if dist.get_world_size() == 1:
+        return [obj]
+    out: list[Any] | None = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    dist.gather_object(obj, out, dst=0)
+    return out
+
+
+def all_gather_object(obj: Any) -> list[Any]:
+    """Every rank's `obj`, in rank order, on every rank."""
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def barrier() -> None:
     if dist.get_world_size() > 1:
         dist.barrier()

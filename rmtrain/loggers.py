@@ -2,6 +2,9 @@
 
 `MetricLogger.log(metrics, step)` fans out to the console (a tqdm progress bar plus eval
 summaries), `<output_dir>/metrics.jsonl` (one JSON object per logged step) and wandb.
+`log_evaluation` hands a whole evaluation (summary, per-pair scores, the worst-ranked pairs) to
+the sinks that show more than scalars (wandb: score histograms and a worst-pairs table), and
+`log_final` the run's plots and final eval summary (wandb: images and the run summary).
 """
 
 from __future__ import annotations
@@ -11,19 +14,39 @@ import netrc
 import os
 import sys
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 from tqdm import tqdm
 
 from rmtrain.config import LoggerConfig, WandbConfig
 
 
-class Sink(Protocol):
-    def log(self, metrics: dict[str, Any], step: int) -> None: ...
-    def close(self) -> None: ...
+class Sink:
+    def log(self, metrics: dict[str, Any], step: int) -> None:
+        raise NotImplementedError
+
+    def log_evaluation(
+        self,
+        name: str,
+        summary: dict[str, Any],
+        records: list[dict[str, Any]],
+        worst: list[dict[str, Any]],
+        step: int,
+    ) -> None:
+        """One eval set's full result at `step` (sinks that only show scalars ignore it)."""
+
+    def log_final(self, images: dict[str, Path], summary: dict[str, float]) -> None:
+        """The finished run's plots (by caption) and its final eval scalars."""
+
+    def close(self) -> None:
+        pass
 
 
-class ConsoleSink:
+# Eval keys the console prints at eval steps (metrics.jsonl and wandb get them all).
+_CONSOLE_EVAL = ("loss", "accuracy", "margin", "ece")
+
+
+class ConsoleSink(Sink):
     def __init__(self, total_steps: int) -> None:
         # Redirected output (SLURM logs, CI) gets an update every 10 s, not one per step.
         interval = 0.2 if sys.stderr.isatty() else 10.0
@@ -43,7 +66,13 @@ class ConsoleSink:
                 postfix["mfu"] = f"{metrics['train/mfu']:.1%}"
             self.bar.set_postfix(postfix, refresh=False)
         self.bar.update(step - self.bar.n)
-        evals = {k: v for k, v in metrics.items() if k.startswith("eval/")}
+        evals = {
+            k: v
+            for k, v in metrics.items()
+            if k.startswith("eval/")
+            and k.rsplit("/", 1)[-1] in _CONSOLE_EVAL
+            and k.count("/") <= 2  # eval/<metric>, eval/<set>/<metric>: no breakdowns
+        }
         if evals:
             shown = ", ".join(f"{k[5:]}={v:.4g}" for k, v in evals.items() if isinstance(v, float))
             self.bar.write(f"step {step} eval: {shown}")
@@ -52,7 +81,7 @@ class ConsoleSink:
         self.bar.close()
 
 
-class JsonlSink:
+class JsonlSink(Sink):
     def __init__(self, path: Path) -> None:
         self.file = path.open("a", encoding="utf-8")
 
@@ -84,7 +113,7 @@ def wandb_mode(cfg: WandbConfig) -> tuple[str, str | None]:
     return "offline", "wandb: no API key found, logging offline (sync later with `wandb sync`)"
 
 
-class WandbSink:
+class WandbSink(Sink):
     def __init__(
         self, cfg: WandbConfig, run_name: str, output_dir: Path, config: dict[str, Any]
     ) -> None:
@@ -107,6 +136,42 @@ class WandbSink:
     def log(self, metrics: dict[str, Any], step: int) -> None:
         self.run.log(metrics, step=step)
 
+    def log_evaluation(
+        self,
+        name: str,
+        summary: dict[str, Any],
+        records: list[dict[str, Any]],
+        worst: list[dict[str, Any]],
+        step: int,
+    ) -> None:
+        import wandb
+
+        flat = [r for r in records if "chosen_score" in r]
+        data: dict[str, Any] = {}
+        if flat:
+            for side in ("chosen", "rejected"):
+                scores = [r[f"{side}_score"] for r in flat]
+                data[f"eval/{name}/{side}_scores"] = wandb.Histogram(scores)
+        if worst:
+            columns: list[str | int] = ["margin", "chosen_score", "rejected_score", "chosen_text",
+                       "rejected_text", "source", "row"]  # fmt: skip
+            rows = [
+                [
+                    r["chosen_score"] - r["rejected_score"],
+                    *(r.get(str(c)) for c in columns[1:]),
+                ]
+                for r in worst
+            ]
+            data[f"eval/{name}/worst_pairs"] = wandb.Table(columns=columns, data=rows)
+        if data:
+            self.run.log(data, step=step)
+
+    def log_final(self, images: dict[str, Path], summary: dict[str, float]) -> None:
+        import wandb
+
+        self.run.log({f"plots/{k}": wandb.Image(str(p), caption=k) for k, p in images.items()})
+        self.run.summary.update(summary)
+
     def close(self) -> None:
         self.run.finish()
 
@@ -118,6 +183,21 @@ class MetricLogger:
     def log(self, metrics: dict[str, Any], step: int) -> None:
         for sink in self.sinks:
             sink.log(metrics, step)
+
+    def log_evaluation(
+        self,
+        name: str,
+        summary: dict[str, Any],
+        records: list[dict[str, Any]],
+        worst: list[dict[str, Any]],
+        step: int,
+    ) -> None:
+        for sink in self.sinks:
+            sink.log_evaluation(name, summary, records, worst, step)
+
+    def log_final(self, images: dict[str, Path], summary: dict[str, float]) -> None:
+        for sink in self.sinks:
+            sink.log_final(images, summary)
 
     def close(self) -> None:
         for sink in self.sinks:

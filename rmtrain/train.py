@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -39,6 +40,7 @@ from rmtrain.config import Config, ConfigError, register_schemas, to_config
 from rmtrain.data.assemble import RunData, load_run_data, summary
 from rmtrain.data.collate import collate_pairs
 from rmtrain.data.errors import DataError
+from rmtrain.eval.outputs import write_run
 from rmtrain.loggers import build_logger
 from rmtrain.record import RunRecord
 from rmtrain.trainer import DivergenceError, Trainer
@@ -191,16 +193,7 @@ def _run(
     dcfg.output_dir = str(output_dir)
     config_dict: dict[str, Any] = OmegaConf.to_container(dcfg, resolve=True)  # type: ignore[assignment]
 
-    tokenizer = hf.load_tokenizer(cfg.model)
-    text.use_template(tokenizer, cfg.data.template)  # the text format trained and exported
-    model_config = hf.score_model_config(cfg.model, tokenizer)
-    context = getattr(model_config, "max_position_embeddings", None)
-    if context is not None and cfg.data.max_length > context:
-        raise ConfigError(
-            f"data.max_length={cfg.data.max_length} exceeds the model's context "
-            f"({context} positions)"
-        )
-    arch = hf.architecture(model_config, tokenizer)
+    tokenizer, arch = load_text_format(cfg)
     resume_from = check_resume(cfg, output_dir, arch, env)
     changes: dict[str, Any] = {}
     if resume_from is not None:
@@ -224,15 +217,19 @@ def _run(
     def collate(rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         return collate_pairs(rows, tokenizer.pad_token_id, cfg.model.padding_side)
 
+    label = run_label(cfg)
     logger = build_logger(
         cfg.logger,
         is_main=env.is_main,
         output_dir=output_dir,
-        run_name=cfg.run_name,
+        run_name=label,
         total_steps=steps,
         config=config_dict,
     )
-    trainer = Trainer(cfg, eng, plan, train_pairs, data.eval, collate, logger, data.eval_sets)
+    trainer = Trainer(
+        cfg, eng, plan, train_pairs, data.eval, collate, logger, data.eval_sets,
+        decode=lambda ids: str(tokenizer.decode(ids, skip_special_tokens=False)),
+    )  # fmt: skip
     checkpointer = Checkpointer(
         eng,
         output_dir,
@@ -249,14 +246,7 @@ def _run(
     if env.is_main:
         warn_disk_space(eng, output_dir, t.keep_last)
     if resume_from is not None:
-        step = checkpointer.load(resume_from)
-        eng.set_peak_lr(t.lr)  # the loaded scheduler state holds the old peak
-        history = list(read_marker(resume_from)["run"].get("resumed", []))
-        if changes:
-            history.append({"step": step, "changed": changes})
-            print(f"resume: from step {step} on, {_describe(changes)}", flush=True)
-        checkpointer.run["resumed"] = history
-        print(f"resumed from {resume_from} at step {step}", flush=True)
+        resume(checkpointer, resume_from, changes, t.lr)
     elif env.is_main:
         save_config(config_dict, output_dir / "config.yaml")
         logger.log(record.data_metrics(), 0)
@@ -264,30 +254,70 @@ def _run(
     result = trainer.fit()
     if env.is_main:
         write_eval_scores(output_dir / "eval_scores.jsonl", trainer.eval_samples, tokenizer)
+        images = write_run(
+            output_dir, trainer.evaluations, read_metrics(output_dir / "metrics.jsonl"),
+            title=f"{label}: {trainer.step} steps",
+        )  # fmt: skip
+        logger.log_final(images, result)
     logger.close()
     if t.export:
         record.score_stats = trainer.score_stats.state_dict()
         record.last_eval = trainer.last_eval
-        state_dict = eng.full_state_dict()  # a collective: every rank takes part
-        if state_dict is not None:
-            if cfg.model.lora.enabled:
-                if cfg.model.lora.save_adapter:
-                    hf.save_adapter(eng.module, state_dict, output_dir / "export_adapter")
-                state_dict = hf.merge_lora(state_dict, cfg.model.lora)
-            try:
-                write_export(
-                    record, state_dict, eng.module.config, tokenizer, output_dir / "export"
-                )
-            except Exception as err:
-                last = complete_checkpoints(output_dir / "checkpoints")
-                full = engine.no_space(err, output_dir / "export", last[-1] if last else None)
-                if full is None:
-                    raise
-                raise full from None
-        engine.barrier()
+        export_run(cfg, eng, record, tokenizer, output_dir)
     eng.close()
     engine.shutdown()
     return result
+
+
+def load_text_format(cfg: Config) -> tuple[Any, dict[str, Any]]:
+    """The tokenizer with the chat template the run trains and exports, and the model's
+    architecture record (checked against a resumed checkpoint's)."""
+    tokenizer = hf.load_tokenizer(cfg.model)
+    text.use_template(tokenizer, cfg.data.template)
+    model_config = hf.score_model_config(cfg.model, tokenizer)
+    context = getattr(model_config, "max_position_embeddings", None)
+    if context is not None and cfg.data.max_length > context:
+        raise ConfigError(
+            f"data.max_length={cfg.data.max_length} exceeds the model's context "
+            f"({context} positions)"
+        )
+    return tokenizer, hf.architecture(model_config, tokenizer)
+
+
+def resume(
+    checkpointer: Checkpointer, path: Path, changes: dict[str, list[Any]], lr: float
+) -> None:
+    """Load `path` into the engine and trainer; record the keys changed on this resume."""
+    step = checkpointer.load(path)
+    checkpointer.engine.set_peak_lr(lr)  # the loaded scheduler state holds the old peak
+    history = list(read_marker(path)["run"].get("resumed", []))
+    if changes:
+        history.append({"step": step, "changed": changes})
+        print(f"resume: from step {step} on, {_describe(changes)}", flush=True)
+    checkpointer.run["resumed"] = history
+    print(f"resumed from {path} at step {step}", flush=True)
+
+
+def export_run(
+    cfg: Config, eng: engine.Engine, record: RunRecord, tokenizer: Any, output_dir: Path
+) -> None:
+    """The trained weights as <output_dir>/export (LoRA merged; the adapter too when asked).
+    Gathering the weights is a collective: every rank calls this."""
+    state_dict = eng.full_state_dict()
+    if state_dict is not None:
+        if cfg.model.lora.enabled:
+            if cfg.model.lora.save_adapter:
+                hf.save_adapter(eng.module, state_dict, output_dir / "export_adapter")
+            state_dict = hf.merge_lora(state_dict, cfg.model.lora)
+        try:
+            write_export(record, state_dict, eng.module.config, tokenizer, output_dir / "export")
+        except Exception as err:
+            last = complete_checkpoints(output_dir / "checkpoints")
+            full = engine.no_space(err, output_dir / "export", last[-1] if last else None)
+            if full is None:
+                raise
+            raise full from None
+    engine.barrier()
 
 
 @contextlib.contextmanager
@@ -513,6 +543,23 @@ def agree_output_dir(requested: str, env: engine.DistEnv) -> Path:
         agreed.mkdir(parents=True, exist_ok=True)
     engine.barrier()
     return agreed
+
+
+def run_label(cfg: Config) -> str:
+    """The run's name in wandb and its report: `run_name`, else the experiment preset's name,
+    then the time this process started the run."""
+    name = cfg.run_name
+    if name is None:
+        hc = HydraConfig.get() if HydraConfig.initialized() else None
+        name = (hc.runtime.choices.get("experiment") if hc else None) or "rmtrain"
+    return f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """The rows of metrics.jsonl (none when the JSONL sink is off)."""
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def write_eval_scores(path: Path, samples: list[tuple[list[int], float]], tokenizer: Any) -> None:

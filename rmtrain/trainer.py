@@ -12,6 +12,7 @@ metrics see the same tensors as on the padded path. The pairs datasets are mater
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from collections.abc import Callable
@@ -24,7 +25,9 @@ from datasets import Dataset
 from rmtrain import telemetry
 from rmtrain.batching import BatchPlan, MicroBatch, TokenBudgetPlan, eval_shards
 from rmtrain.config import Config, ConfigError
-from rmtrain.engine import Engine, all_reduce_sum
+from rmtrain.engine import Engine, all_reduce_sum, gather_object
+from rmtrain.eval.metrics import Kind, headline, regroup_styles, summarize
+from rmtrain.eval.outputs import Evaluation, worst_pairs
 from rmtrain.loggers import MetricLogger
 from rmtrain.losses import PairScores, TokenScores, compute_loss, needs_token_scores, pair_metrics
 from rmtrain.packing import (
@@ -111,6 +114,7 @@ class Trainer:
         collate: Collate,
         logger: MetricLogger,
         eval_sets: dict[str, Dataset] | None = None,
+        decode: Callable[[list[int]], str] | None = None,
     ) -> None:
         self.cfg, self.engine, self.plan, self.collate = cfg, engine, plan, collate
         self.train_pairs, self.eval_pairs, self.logger = train_pairs, eval_pairs, logger
@@ -123,6 +127,10 @@ class Trainer:
         # (input ids, end score) of this rank's first eval batch: an independent record of what
         # the trained model scores, to check exports against.
         self.eval_samples: list[tuple[list[int], float]] = []
+        # Rank 0: the last evaluation of every set, (summary of all metrics, per-pair records),
+        # by set name (MAIN_EVAL for the main set); what the run writes into eval/ at the end.
+        self.evaluations: dict[str, Evaluation] = {}
+        self.decode = decode  # token ids -> text, for the worst-pairs table
         self.checkpointer: Saver | None = None
         self._tables: dict[int, tuple[Dataset, PairTable]] = {}
         self._first_step_logged = False
@@ -261,16 +269,19 @@ class Trainer:
     # -- evaluation -----------------------------------------------------------------------------
     def evaluate(self) -> dict[str, float]:
         """The main eval set as eval/*, then every extra set as eval/<name>/*."""
-        out = self._evaluate(self.eval_pairs, "eval/", keep_samples=True)
+        out = self._evaluate(self.eval_pairs, "eval/", MAIN_EVAL, keep_samples=True)
         for name, pairs in self.eval_sets.items():
-            out.update(self._evaluate(pairs, f"eval/{name}/"))
+            out.update(self._evaluate(pairs, f"eval/{name}/", name))
         return out
 
     @torch.no_grad()
-    def _evaluate(self, pairs: Dataset, p: str, keep_samples: bool = False) -> dict[str, float]:
+    def _evaluate(
+        self, pairs: Dataset, p: str, name: str, keep_samples: bool = False
+    ) -> dict[str, float]:
         self.engine.train(False)
         env = self.engine.env
         sums: dict[str, torch.Tensor] = {}
+        scored: list[tuple[int, float, float]] = []  # (pair index, chosen, rejected score)
         if keep_samples:
             self.eval_samples = []
         for mb in eval_shards(
@@ -285,9 +296,15 @@ class Trainer:
             _add(sums, "loss", total.sum())
             for k, v in self._metric_sums(batch, scores).items():
                 _add(sums, k, v)
+            chosen, rejected = scores.chosen.tolist(), scores.rejected.tolist()
+            scored += zip(mb.indices, chosen, rejected, strict=True)
+        every = gather_object(scored)  # rank 0: every rank's pairs
+        if every is not None:
+            out = self._summarize(pairs, [x for part in every for x in part], name, p)
         r = _reduce(sums, ["loss", *_PAIR_KEYS[self.cfg.objective]])
         n = float(r["n"])
         out = {
+            **(out if every is not None else {}),
             f"{p}loss": float(r["loss"]) / n,
             f"{p}accuracy": float(r["correct"]) / n,
             f"{p}margin": float(r["margin"]) / n,
@@ -304,6 +321,28 @@ class Trainer:
         if self.cfg.objective == "cost":
             out[f"{p}sign_accuracy"] = float(r["sign_correct"]) / float(r["sign_n"])
         return out
+
+    def _summarize(
+        self, pairs: Dataset, scored: list[tuple[int, float, float]], name: str, p: str
+    ) -> dict[str, float]:
+        """Rank 0: every metric of `rmtrain eval` on this set (kept for the run's eval/ files
+        and the wandb extras); returns the dashboard scalars as `<p><metric>`."""
+        table = self._table(pairs)
+        records = [_record(table, i, c, r) for i, c, r in sorted(scored)]
+        kind: Kind = "cost" if self.cfg.objective == "cost" else "reward"
+        if records and all("style" in rec for rec in records):
+            records = regroup_styles(records)
+        summary = summarize(records, kind=kind)
+        self.evaluations[name] = (summary, records)
+        worst = worst_pairs(records, kind, k=10)
+        if self.decode is not None:
+            for row in worst:
+                for side in ("chosen", "rejected"):
+                    row[f"{side}_text"] = self.decode(
+                        table.seq(f"{side}_input_ids", row["index"]).tolist()
+                    )
+        self.logger.log_evaluation(name, summary, records, worst, self.step)
+        return {f"{p}{k}": v for k, v in headline(summary).items()}
 
     # -- pieces ---------------------------------------------------------------------------------
     def _table(self, pairs: Dataset) -> PairTable:
@@ -416,6 +455,21 @@ def _samples(batch: dict[str, torch.Tensor], s: PairScores) -> list[tuple[list[i
     for ids, mask, score in zip(batch["input_ids"], batch["attention_mask"], scores, strict=True):
         out.append((ids[mask.bool()].tolist(), float(score)))
     return out
+
+
+MAIN_EVAL = "main"  # the main eval set's name in eval/ files and wandb panels
+
+
+def _record(table: PairTable, i: int, chosen: float, rejected: float) -> dict[str, Any]:
+    """One scored eval pair as `rmtrain.eval.metrics` reads it: the scores, the response
+    lengths in tokens (after the prompt both sides share) and the labels in the pair's meta."""
+    c, r = table.seq("chosen_input_ids", i), table.seq("rejected_input_ids", i)
+    n = min(len(c), len(r))
+    differ = (c[:n] != r[:n]).nonzero()
+    shared = int(differ[0]) if len(differ) else n
+    meta = json.loads(table.scalars["meta"][i]) if "meta" in table.scalars else {}
+    return {"index": i, "chosen_score": chosen, "rejected_score": rejected,
+            "chosen_len": len(c) - shared, "rejected_len": len(r) - shared, **meta}  # fmt: skip
 
 
 def _add(sums: dict[str, torch.Tensor], key: str, value: torch.Tensor) -> None:

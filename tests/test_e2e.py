@@ -109,10 +109,16 @@ def test_two_ranks_zero3_through_the_deepspeed_launcher(tmp_path: Path) -> None:
     # one run directory for both ranks, written by rank 0 only
     assert sorted(p.name for p in run_dir.iterdir() if p.name != ".rmtrain.lock") == [
         "config.yaml",
+        "curves.png",
+        "eval",
         "eval_scores.jsonl",
         "export",
         "metrics.jsonl",
+        "report.md",
     ]
+    # the full evaluation gathers both ranks' pairs: every eval pair exactly once
+    pairs = read_jsonl(run_dir / "eval" / "main.pairs.jsonl")
+    assert sorted(p["index"] for p in pairs) == list(range(64))
 
 
 def test_quickstart_default(tmp_path: Path) -> None:
@@ -126,6 +132,29 @@ def test_quickstart_default(tmp_path: Path) -> None:
     assert evals[-1]["eval/accuracy"] > 0.8
     index = json.loads((run_dir / "export" / "model.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) > 1
+    check_run_plots(run_dir)
+
+
+def check_run_plots(run_dir: Path) -> None:
+    """A finished run's plots are real PNGs of the documented size, and its report embeds
+    each one (by a relative link that resolves)."""
+    from test_eval_metrics import _png_size_and_variation
+
+    from rmtrain.eval.plots import DPI, FIGSIZE
+
+    pngs = ["curves.png", "eval/main/histograms.png", "eval/main/reliability.png",
+            "eval/main/categories.png"]  # fmt: skip
+    report = (run_dir / "report.md").read_text()
+    for name in pngs:
+        assert (run_dir / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        shape, variation = _png_size_and_variation(run_dir / name)
+        assert shape[:2] == (FIGSIZE[1] * DPI, FIGSIZE[0] * DPI)  # rows = height
+        assert variation > 0.01  # drawn, not a blank canvas
+        assert f"]({name})" in report
+    summary = json.loads((run_dir / "eval" / "main.json").read_text())
+    rows = read_metrics(run_dir)
+    assert summary["n_pairs"] == rows[-1]["eval/pairs"]
+    assert summary["calibration"]["ece"] == pytest.approx(rows[-1]["eval/ece"])
 
 
 def test_malformed_data_file_fails_cleanly(tmp_path: Path, capsys, monkeypatch) -> None:

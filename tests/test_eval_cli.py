@@ -126,3 +126,36 @@ def test_bad_row_is_one_clear_error(export, tmp_path, capsys) -> None:
         main(["--model", str(export), "--data", str(data), "--out", str(tmp_path)])
     assert exc.value.code == 2
     assert f"{data}: line 1: field 'rejected'" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_two_processes_give_the_one_process_result(export, tmp_path, capsys) -> None:
+    """`torchrun --nproc_per_node 2 -m rmtrain.eval.run`: each process scores half the texts,
+    and the files rank 0 writes equal a single process's."""
+    import subprocess
+    import sys
+
+    from conftest import cli_env
+
+    data = write_jsonl(tmp_path / "pku.jsonl", generate_rows(30, seed=3, split="test"))
+    one, two = tmp_path / "one", tmp_path / "two"
+    single, _ = _eval(export, data, one, capsys)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m",
+           "rmtrain.eval.run", "--model", str(export), "--data", str(data), "--out", str(two),
+           "--no-progress"]  # fmt: skip
+    proc = subprocess.run(cmd, env=cli_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("pairs ->") == 1  # only rank 0 prints and writes
+    double = json.loads((two / "eval" / "pku.json").read_text())
+    assert _overall(double) == pytest.approx(_overall(single))
+    a, b = (
+        read_jsonl(one / "eval" / "pku.pairs.jsonl"),
+        read_jsonl(two / "eval" / "pku.pairs.jsonl"),
+    )
+    scores = [[r[k] for r in rows for k in ("chosen_score", "rejected_score")] for rows in (a, b)]
+    assert scores[1] == pytest.approx(scores[0], abs=1e-5)
+
+
+def _overall(summary: dict[str, Any]) -> dict[str, Any]:
+    """The overall block (flat, so pytest.approx can compare it) and the pair count."""
+    return {**summary["overall"], "n_pairs": summary["n_pairs"]}

@@ -104,6 +104,14 @@ class _PairFormat(Schema):
     def row_margin(self, cols: dict[str, list[Any]], i: int, cfg: DataConfig) -> float | None:
         return None
 
+    def pair_meta(self, cols: dict[str, list[Any]], i: int, k: int) -> dict[str, Any]:
+        """What evaluation groups the k-th pair of row i by: the row's subset / category."""
+        return {
+            key: str(cols[key][i])
+            for key in ("subset", "category")
+            if key in cols and cols[key][i] is not None
+        }
+
     def to_pairs(
         self, cols: dict[str, list[Any]], cfg: DataConfig, objective: str
     ) -> tuple[RawPairs, Skipped]:
@@ -120,7 +128,8 @@ class _PairFormat(Schema):
             margin = self.row_margin(cols, i, cfg)
             if margins is not None:
                 margin = float(margins[i])
-            for chosen, rejected in self.conversations(cols, i):
+            for k, (chosen, rejected) in enumerate(self.conversations(cols, i)):
+                out.meta.append(self.pair_meta(cols, i, k))
                 out.chosen.append(chosen)
                 out.rejected.append(rejected)
                 out.chosen_unsafe.append(False)
@@ -322,6 +331,12 @@ class RMBench(_PairFormat):
         return [
             (exchange(p, c), exchange(p, r)) for c in cols["chosen"][i] for r in cols["rejected"][i]
         ]
+
+    def pair_meta(self, cols: dict[str, list[Any]], i: int, k: int) -> dict[str, Any]:
+        """Also which (chosen, rejected) style variants the pair compares, for RM-Bench's
+        easy / normal / hard accuracy."""
+        ci, ri = divmod(k, len(cols["rejected"][i]))
+        return {**super().pair_meta(cols, i, k), "style": [ci, ri]}
 
 
 # Most specific first: among formats a row fully matches, the first one wins.

@@ -8,6 +8,7 @@ is counted in :class:`DataStats`, which the run logs and the model card reports.
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -48,6 +49,8 @@ PAIR_FEATURES = datasets.Features(
         "chosen_severity": datasets.Value("int32"),
         "rejected_severity": datasets.Value("int32"),
         "margin": datasets.Value("float32"),
+        # JSON: the source file and row, and what evaluation groups the pair by (RawPairs.meta)
+        "meta": datasets.Value("string"),
     }
 )
 
@@ -117,6 +120,10 @@ def build_pairs(
         "chosen_severity": raw.chosen_severity,
         "rejected_severity": raw.rejected_severity,
         "margin": raw.margin,
+        "meta": [
+            json.dumps({"source": raw.source[i], "row": raw.row[i], **meta})
+            for i, meta in enumerate(raw.meta or [{}] * len(raw))
+        ],
     }
     kept = {k: [v[i] for i in keep] for k, v in columns.items()}
     return datasets.Dataset.from_dict(kept, features=PAIR_FEATURES), stats

@@ -73,6 +73,10 @@ class RawPairs:
     margin: list[float] = field(default_factory=list)
     source: list[str] = field(default_factory=list)  # file or split label
     row: list[int] = field(default_factory=list)  # 1-based line / row
+    # Per pair, what evaluation breaks accuracy down by (rmtrain.eval.metrics.PairResult's
+    # fields: subset, category, harm categories, severities, safety labels; RM-Bench's style
+    # pair). Optional: an adapter with nothing to add leaves it empty.
+    meta: list[dict[str, Any]] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.chosen)
@@ -253,4 +257,19 @@ class PkuSafeRLHF(Schema):
             out.margin.append(float(margins[i]) if margins is not None else 0.0)
             out.source.append(sources[i])
             out.row.append(rows[i])
+            out.meta.append(self.pair_meta(cols, i, c, labelled))
         return out, skipped
+
+    @staticmethod
+    def pair_meta(cols: dict[str, list[Any]], i: int, c: int, labelled: bool) -> dict[str, Any]:
+        """The labels evaluation splits accuracy by, as chosen/rejected (response c is chosen)."""
+        meta: dict[str, Any] = {}
+        for side, k in (("chosen", c), ("rejected", 1 - c)):
+            if labelled:
+                meta[f"{side}_safe"] = bool(cols[_BOOL[k]][i])
+            if _SEVERITY[k] in cols:
+                meta[f"severity_{side}"] = cols[_SEVERITY[k]][i]
+            if _HARM[k] in cols:
+                harm = cols[_HARM[k]][i] or {}
+                meta[f"harm_categories_{side}"] = sorted(n for n, on in harm.items() if on)
+        return meta

@@ -851,3 +851,88 @@ def summarize(
     if any(p.chosen_len is not None and p.rejected_len is not None for p in pairs):
         out["length_bias"] = length_bias(pairs, tie_credit)
     return _json_safe(out)  # type: ignore[no-any-return]
+
+
+# --------------------------------------------------------------------------------------------
+# Training-time helpers: RM-Bench rows from their pairs, and the scalars a dashboard plots
+# --------------------------------------------------------------------------------------------
+def regroup_styles(records: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """RM-Bench rows back from their style pairs: records with ``style`` = [chosen variant,
+    rejected variant] and the same ``source``/``row`` become one record with per-variant
+    ``chosen_scores``/``rejected_scores`` (and lengths), as :func:`summarize` expects.
+
+    A training run scores RM-Bench's 3 x 3 matrix as 9 pairs; each variant's score is read from
+    the first pair that holds it (the same text scores the same in every pair).
+    """
+    rows: dict[tuple[Any, Any], dict[str, Any]] = {}
+    for rec in records:
+        ci, ri = rec["style"]
+        row = rows.setdefault(
+            (rec.get("source"), rec.get("row")),
+            {"c": {}, "r": {}, "cl": {}, "rl": {}, "subset": rec.get("subset"),
+             "id": f"{rec.get('source')}:{rec.get('row')}"},
+        )  # fmt: skip
+        row["c"].setdefault(ci, rec["chosen_score"])
+        row["r"].setdefault(ri, rec["rejected_score"])
+        row["cl"].setdefault(ci, rec.get("chosen_len"))
+        row["rl"].setdefault(ri, rec.get("rejected_len"))
+    out = []
+    for row in rows.values():
+        n = len(row["c"])
+        if sorted(row["c"]) != list(range(n)) or sorted(row["r"]) != list(range(n)):
+            raise ValueError(f"{row['id']}: RM-Bench row without a full square of style pairs")
+        lens = all(row[k][i] is not None for k in ("cl", "rl") for i in range(n))
+        out.append(
+            {
+                "chosen_scores": [row["c"][i] for i in range(n)],
+                "rejected_scores": [row["r"][i] for i in range(n)],
+                "chosen_lens": [row["cl"][i] for i in range(n)] if lens else None,
+                "rejected_lens": [row["rl"][i] for i in range(n)] if lens else None,
+                "subset": row["subset"],
+                "id": row["id"],
+            }
+        )
+    return out
+
+
+def headline(summary: Mapping[str, Any]) -> dict[str, float]:
+    """The scalars of a :func:`summarize` result worth a dashboard line, flat and finite:
+    calibration, length bias, RewardBench sections, RM-Bench tiers, cost sign accuracy, and
+    the accuracy per subset / category / harm category / severity / safety group."""
+    out: dict[str, float] = {}
+
+    def put(key: str, value: Any) -> None:
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if number and math.isfinite(value):
+            out[key] = float(value)
+
+    def slug(name: Any) -> str:
+        return str(name).strip().lower().replace(" ", "_").replace("/", "_")
+
+    calib = summary.get("calibration") or {}
+    put("ece", calib.get("ece"))
+    put("brier", calib.get("brier"))
+    lb = summary.get("length_bias") or {}
+    put("length_pearson", lb.get("pearson"))
+    put("accuracy_chosen_longer", (lb.get("chosen_longer") or {}).get("accuracy"))
+    put("accuracy_chosen_shorter", (lb.get("chosen_shorter") or {}).get("accuracy"))
+    rb = summary.get("rewardbench") or {}
+    for section, value in (rb.get("sections") or {}).items():
+        put(f"rewardbench/{slug(section)}", value)
+    put("rewardbench/score", rb.get("score"))
+    rm = summary.get("rmbench") or {}
+    for tier in ("easy", "normal", "hard", "overall"):
+        put(f"rmbench/{tier}", rm.get(tier))
+    put("cost_sign_accuracy", (summary.get("cost_sign") or {}).get("accuracy"))
+    safety = summary.get("safety") or {}
+    groups = {
+        "subset": summary.get("by_subset"),
+        "category": summary.get("by_category"),
+        "harm": safety.get("by_harm_category"),
+        "severity": safety.get("by_severity"),
+        "safety": safety.get("by_safety"),
+    }
+    for block, stats in groups.items():
+        for name, s in (stats or {}).items():
+            put(f"{block}/{slug(name)}/accuracy", s.get("accuracy"))
+    return out

@@ -194,7 +194,7 @@ def plot_training_curves(
     return _save(fig, path)
 
 
-def _fmt(x: Any) -> str:
+def fmt(x: Any) -> str:
     if isinstance(x, bool) or x is None:
         return "n/a" if x is None else str(x)
     if isinstance(x, float):
@@ -202,7 +202,7 @@ def _fmt(x: Any) -> str:
     return str(x)
 
 
-def _metric_rows(summary: Mapping[str, Any]) -> list[tuple[str, Any]]:
+def metric_rows(summary: Mapping[str, Any]) -> list[tuple[str, Any]]:
     """The handful of numbers a reader looks for first, in a fixed order."""
     rows: list[tuple[str, Any]] = [("kind", summary.get("kind"))]
     overall = summary.get("overall") or {}
@@ -247,7 +247,7 @@ def write_report(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     lines = [f"# {title}", "", "| metric | value |", "|---|---|"]
-    lines += [f"| {name} | {_fmt(value)} |" for name, value in _metric_rows(summary)]
+    lines += [f"| {name} | {fmt(value)} |" for name, value in metric_rows(summary)]
     for caption, image in images.items():
         rel = Path(os.path.relpath(Path(image).resolve(), out.resolve())).as_posix()
         lines += ["", f"## {caption}", "", f"![{caption}]({rel})"]

@@ -21,14 +21,18 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from rmtrain.eval import metrics, plots
-from rmtrain.score import NonFiniteScores, ScoreInputError, Scorer, side_conversation, write_atomic
+import torch
+
+from rmtrain.eval import metrics
+from rmtrain.eval.outputs import write_set
+from rmtrain.score import NonFiniteScores, ScoreInputError, Scorer, side_conversation
 from rmtrain.text import exchange
 
 
@@ -135,7 +139,7 @@ def evaluate_file(
                 raise ScoreInputError(f"{data}: line {line}: {exc}") from exc
             responses.append(conversation[-1]["content"])
         plan.append((len(chosen), len(rejected)))
-    scores = scorer.score_texts(texts, progress=progress, desc="evaluating")
+    scores = _score(scorer, texts, progress)
     lengths = [
         len(ids) for ids in scorer.tokenizer(responses, add_special_tokens=False)["input_ids"]
     ]
@@ -172,6 +176,28 @@ def evaluate_file(
     return summary, records
 
 
+def _world() -> tuple[int, int]:
+    """(rank, world size) under a launcher (torchrun, deepspeed), else (0, 1)."""
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def _score(scorer: Scorer, texts: list[str], progress: bool) -> list[float]:
+    """Every text's score. Under a launcher each process scores a strided share and every
+    process gets them all (so all of them reach the same result, or the same error)."""
+    rank, world = _world()
+    if world == 1:
+        return scorer.score_texts(texts, progress=progress, desc="evaluating")
+    from rmtrain.engine import all_gather_object
+
+    mine = scorer.score_texts(texts[rank::world], progress=progress and rank == 0,
+                              desc=f"evaluating ({world} processes)")  # fmt: skip
+    parts = all_gather_object(mine)
+    scores = [0.0] * len(texts)
+    for r, part in enumerate(parts):
+        scores[r::world] = part
+    return scores
+
+
 def _scores_of(record: dict[str, Any]) -> list[float]:
     if "chosen_scores" in record:
         return [*record["chosen_scores"], *record["rejected_scores"]]
@@ -180,41 +206,6 @@ def _scores_of(record: dict[str, Any]) -> list[float]:
 
 def _finite(x: float) -> bool:
     return x == x and abs(x) != float("inf")
-
-
-def write_outputs(
-    out: Path, name: str, summary: dict[str, Any], records: list[dict[str, Any]]
-) -> Path:
-    """eval/<name>.json, eval/<name>.pairs.jsonl, and the PNGs and report in eval/<name>/."""
-    root = out / "eval"
-    root.mkdir(parents=True, exist_ok=True)
-    write_atomic(root / f"{name}.json", lambda f: f.write(json.dumps(summary, indent=1) + "\n"))
-
-    def pairs(f: Any) -> None:
-        for r in records:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
-
-    write_atomic(root / f"{name}.pairs.jsonl", pairs)
-    figures = root / name
-    figures.mkdir(exist_ok=True)
-    flat = [r for r in records if "chosen_score" in r]
-    images: dict[str, Path] = {}
-    if flat:
-        images["Scores of chosen vs rejected"] = plots.plot_reward_histograms(
-            flat, figures / "histograms.png"
-        )
-    images["Reliability diagram"] = plots.plot_reliability(
-        summary["calibration"], figures / "reliability.png"
-    )
-    groups = summary.get("by_subset") or summary.get("by_category")
-    if summary.get("safety", {}).get("by_harm_category"):
-        groups = summary["safety"]["by_harm_category"]
-    if groups:
-        images["Accuracy per category"] = plots.plot_category_accuracy(
-            groups, figures / "categories.png"
-        )
-    plots.write_report(figures, summary, images, title=f"Evaluation: {name}")
-    return root / f"{name}.json"
 
 
 def table(summary: dict[str, Any]) -> str:
@@ -228,6 +219,12 @@ def table(summary: dict[str, Any]) -> str:
     for block in ("by_subset", "by_category"):
         for name, stats in sorted((summary.get(block) or {}).items()):
             lines.append(f"  {name[:30]:<30} {stats.get('n', 0):>6} {_f(stats.get('accuracy'))}")
+    safety = summary.get("safety") or {}
+    for block, title in (("by_harm_category", "harm"), ("by_severity", "severity"),
+                         ("by_safety", "safety")):  # fmt: skip
+        for name, stats in sorted((safety.get(block) or {}).items()):
+            lines.append(f"  {title}/{name[:30 - len(title) - 1]:<{29 - len(title)}} "
+                         f"{stats.get('n', 0):>6} {_f(stats.get('accuracy'))}")  # fmt: skip
     for block in ("rewardbench", "rmbench"):
         for name, value in (summary.get(block) or {}).items():
             if isinstance(value, float):
@@ -247,27 +244,46 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--preference", choices=("better", "safer"), default=None)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-length", type=int, default=None, help="default: the trained one")
+    p.add_argument("--device", default=None, help="default: this process's GPU if any, else cpu")
     p.add_argument("--no-progress", action="store_true")
     return p.parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
+    """Under `torchrun` / the `deepspeed` launcher every process scores a share of each file
+    (on its own GPU) and rank 0 writes the results."""
     args = parse_args(argv)
+    rank, world = _world()
+    if world > 1:
+        from rmtrain.engine import init_distributed
+
+        init_distributed(timeout_s=1800)
+    device = args.device or (
+        f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if torch.cuda.is_available() else "cpu"
+    )
     try:
         with tempfile.TemporaryDirectory() as work:
             export = resolve_export(args.model, Path(work))
-            scorer = Scorer(export, batch_size=args.batch_size)
+            scorer = Scorer(export, batch_size=args.batch_size, device=device)
             scorer.max_length = args.max_length or scorer.meta.get("max_length")
             for data in args.data:
                 summary, records = evaluate_file(
                     scorer, data, args.preference, progress=not args.no_progress
                 )
+                if rank != 0:
+                    continue
                 name = data.name.removesuffix(".jsonl").removesuffix(".json")
-                path = write_outputs(args.out, name, summary, records)
+                write_set(args.out, name, summary, records)
+                path = args.out / "eval" / f"{name}.json"
                 print(f"{data}: {summary['n_pairs']} pairs -> {path}\n{table(summary)}")
     except (ScoreInputError, NonFiniteScores, FileNotFoundError) as err:
-        print(f"rmtrain eval: error: {err}", file=sys.stderr, flush=True)
+        if rank == 0:
+            print(f"rmtrain eval: error: {err}", file=sys.stderr, flush=True)
         sys.exit(2)
+    if world > 1:
+        from rmtrain.engine import shutdown
+
+        shutdown()
 
 
 if __name__ == "__main__":

@@ -1,0 +1,98 @@
+"""What an evaluation leaves on disk, for `rmtrain eval` and for a finished training run.
+
+Per evaluation set ``<name>``, under ``<root>/eval/``:
+
+- ``<name>.json``: every metric of :func:`rmtrain.eval.metrics.summarize`;
+- ``<name>.pairs.jsonl``: one line per pair (scores, lengths, labels), for hand counts;
+- ``<name>/histograms.png``, ``reliability.png``, ``categories.png`` and ``report.md``.
+
+A training run also gets ``curves.png`` (loss, accuracy, margin from ``metrics.jsonl``) and a
+``report.md`` at the top of its run directory that embeds the curves and every set's plots.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from rmtrain.eval import plots
+from rmtrain.score import write_atomic
+
+Evaluation = tuple[dict[str, Any], list[dict[str, Any]]]  # (summary, per-pair records)
+
+
+def write_set(
+    root: Path, name: str, summary: dict[str, Any], records: list[dict[str, Any]]
+) -> dict[str, Path]:
+    """eval/<name>.json, eval/<name>.pairs.jsonl, and the PNGs and report in eval/<name>/;
+    returns the images by caption."""
+    folder = root / "eval"
+    folder.mkdir(parents=True, exist_ok=True)
+    write_atomic(folder / f"{name}.json", lambda f: f.write(json.dumps(summary, indent=1) + "\n"))
+
+    def pairs(f: Any) -> None:
+        for r in records:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+
+    write_atomic(folder / f"{name}.pairs.jsonl", pairs)
+    figures = folder / name
+    figures.mkdir(exist_ok=True)
+    flat = [r for r in records if "chosen_score" in r]
+    images: dict[str, Path] = {}
+    if flat:
+        images["Scores of chosen vs rejected"] = plots.plot_reward_histograms(
+            flat, figures / "histograms.png"
+        )
+    images["Reliability diagram"] = plots.plot_reliability(
+        summary["calibration"], figures / "reliability.png"
+    )
+    groups = summary.get("by_subset") or summary.get("by_category")
+    if summary.get("safety", {}).get("by_harm_category"):
+        groups = summary["safety"]["by_harm_category"]
+    if groups:
+        images["Accuracy per category"] = plots.plot_category_accuracy(
+            groups, figures / "categories.png"
+        )
+    plots.write_report(figures, summary, images, title=f"Evaluation: {name}")
+    return images
+
+
+def write_run(
+    run_dir: Path,
+    evaluations: Mapping[str, Evaluation],
+    metrics_rows: Sequence[Mapping[str, Any]],
+    title: str,
+) -> dict[str, Path]:
+    """A finished run's evaluation files, curves.png and report.md; returns every image by
+    caption (for the wandb run)."""
+    images: dict[str, Path] = {}
+    curves = plots.plot_training_curves(metrics_rows, run_dir / "curves.png", title=title)
+    images["Training curves"] = curves
+    sections = ["", "## Training curves", "", "![Training curves](curves.png)"]
+    for name, (summary, records) in evaluations.items():
+        set_images = write_set(run_dir, name, summary, records)
+        sections += ["", f"## Eval set `{name}`", "", "| metric | value |", "|---|---|"]
+        sections += [f"| {k} | {plots.fmt(v)} |" for k, v in plots.metric_rows(summary)]
+        sections.append(f"\nAll metrics: [eval/{name}.json](eval/{name}.json); per pair: "
+                        f"[eval/{name}.pairs.jsonl](eval/{name}.pairs.jsonl).")  # fmt: skip
+        for caption, path in set_images.items():
+            rel = Path(os.path.relpath(path, run_dir)).as_posix()
+            sections += ["", f"### {caption}", "", f"![{caption}: {name}]({rel})"]
+            images[f"{name}/{caption}"] = path
+    report = "\n".join([f"# {title}", *sections]) + "\n"
+    write_atomic(run_dir / "report.md", lambda f: f.write(report))
+    return images
+
+
+def worst_pairs(
+    records: Sequence[Mapping[str, Any]], kind: str = "reward", k: int = 20
+) -> list[dict[str, Any]]:
+    """The k pairs the model ranks most wrongly: the lowest chosen - rejected margin (for a
+    cost model, the lowest rejected - chosen cost)."""
+    sign = -1.0 if kind == "cost" else 1.0
+    flat = [r for r in records if "chosen_score" in r]
+    flat.sort(key=lambda r: sign * (r["chosen_score"] - r["rejected_score"]))
+    return [dict(r) for r in flat[:k]]
