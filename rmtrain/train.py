@@ -450,13 +450,21 @@ def load_data(
     """Tokenized train and eval pairs, and the run record with what was cut, dropped, skipped
     and which rows were held out."""
     data = load_run_data(cfg.data, tokenizer, cfg.objective, cfg.trainer.seed)
-    empty = [name for name, pairs in [("train", data.train), ("eval", data.eval),
-             *data.eval_sets.items()] if len(pairs) == 0]  # fmt: skip
-    if empty:
-        raise DataError(
-            f"{cfg.data.path}: no usable pairs left in {', '.join(empty)} after dropping and "
-            "filtering"
-        )
+    d = cfg.data
+    paths = {"train": d.path, "eval": d.eval_path or d.path}
+    paths.update({f"eval/{src.display()}": src.path for src in d.eval_sets})
+    sets = [("train", data.train), ("eval", data.eval)]
+    sets += [(f"eval/{name}", pairs) for name, pairs in data.eval_sets.items()]
+    for name, pairs in sets:
+        if len(pairs) == 0:
+            c = data.counts.get(name, {})
+            raise DataError(
+                f"{paths.get(name, d.path)}: no usable pairs left in {name} ({c.get('rows', 0)} "
+                f"rows; {c.get('identical_dropped', 0)} pairs identical after tokenization and "
+                f"truncation to data.max_length={d.max_length}, "
+                f"{c.get('inconsistent_skipped', 0)} inconsistent, "
+                f"{c.get('severity_filtered', 0)} below data.min_severity_gap)"
+            )
     return data, RunRecord(config_dict, data.counts, held_out=data.held_out)
 
 

@@ -222,3 +222,21 @@ def test_missing_model_directory_is_one_clear_error(tmp_path: Path) -> None:
         f"rmtrain: error: model.name_or_path={tmp_path}/nope: no such directory"
     )
     assert not run_dir.exists()  # nothing left behind
+
+
+def test_eval_set_emptied_by_truncation_is_one_clear_error(tmp_path: Path, capsys, monkeypatch):
+    """Long prompts cut to data.max_length leave chosen == rejected: the error names the eval
+    set's own file, how many rows it had and why they were dropped."""
+    prompt = " ".join(["Please read this long question carefully."] * 40)
+    rows = [{"prompt": prompt, "chosen": f"Yes {i}.", "rejected": f"No {i}."} for i in range(4)]
+    data = write_jsonl(tmp_path / "long_prompts.jsonl", rows)
+    run_dir = tmp_path / "run"
+    code, stderr = train_in_process(
+        [*SMALL, f"data.eval_sets=[{{path:'{data}',label:long}}]", f"output_dir={run_dir}"],
+        capsys, monkeypatch,
+    )  # fmt: skip
+    assert code == 2
+    last = stderr.strip().splitlines()[-1]
+    assert last.startswith(f"rmtrain: error: {data}: no usable pairs left in eval/long (4 rows;")
+    assert "4 pairs identical after tokenization and truncation to data.max_length=96" in last
+    assert not run_dir.exists()

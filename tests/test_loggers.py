@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import re
 from pathlib import Path
 
 import pytest
@@ -65,3 +67,20 @@ def test_wandb_runs_offline_without_a_key_and_says_so(tmp_path: Path) -> None:
     assert "time/launch_to_first_step_s" in steps[0]
     recorded = runs[0].read_bytes()
     assert all(k.encode() in recorded for k in keys)
+    # beyond scalars (issue 12): the run is named after the experiment and its start time; each
+    # evaluation logs score histograms and a worst-pairs table with the decoded texts; the end
+    # of the run logs the plots as images and the final eval scalars
+    assert re.search(rb"quickstart-\d{8}-\d{6}", recorded)
+    assert b"eval/main/chosen_scores" in recorded and b"eval/main/rejected_scores" in recorded
+    files = runs[0].parent / "files" / "media"
+    tables = sorted((files / "table" / "eval" / "main").glob("worst_pairs_*.table.json"))
+    assert len(tables) == 2  # step 0 (eval_at_start) and the last step
+    table = json.loads(tables[-1].read_text())
+    assert table["columns"][:3] == ["margin", "chosen_score", "rejected_score"]
+    margins = [row[0] for row in table["data"]]
+    assert margins == sorted(margins) and len(margins) == 10
+    assert all("ASSISTANT:" in row[3] and "ASSISTANT:" in row[4] for row in table["data"])
+    images = {p.name.split("_")[0] for p in (files / "images").rglob("*.png")}
+    assert images == {"Training curves", "Scores of chosen vs rejected", "Reliability diagram",
+                      "Accuracy per category"}  # fmt: skip
+    assert b"eval/accuracy_chosen_longer" in recorded
