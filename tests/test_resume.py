@@ -176,17 +176,21 @@ def test_partial_checkpoint_is_never_resumed(reference_run: Path, tmp_path: Path
 
 
 @pytest.mark.slow
-def test_resume_with_a_different_model_shape_fails_clearly(reference_run: Path) -> None:
-    proc = run_train(
+def test_resume_with_a_different_model_shape_fails_clearly(
+    reference_run: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    code, err = train_in_process(  # an error path: in this process
         [
             *ZERO3_2RANKS,
             f"output_dir={reference_run}",
             "trainer.resume=auto",
             "model.toy.hidden_size=32",
-        ]
+        ],
+        capsys,
+        monkeypatch,
     )
-    assert proc.returncode != 0
-    assert "the model's hidden_size was 64 there, 32 now" in proc.stderr
+    assert code != 0
+    assert "the model's hidden_size was 64 there, 32 now" in err
 
 
 @pytest.mark.slow
