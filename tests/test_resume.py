@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO, SMALL, check_ok, cli_env, read_metrics, run_train
+from conftest import REPO, SMALL, check_ok, cli_env, read_metrics, run_train, train_in_process
 from safetensors.torch import load_file
 
 from rmtrain.checkpoint import MARKER, find_resume_point
@@ -176,17 +176,21 @@ def test_partial_checkpoint_is_never_resumed(reference_run: Path, tmp_path: Path
 
 
 @pytest.mark.slow
-def test_resume_with_a_different_model_shape_fails_clearly(reference_run: Path) -> None:
-    proc = run_train(
+def test_resume_with_a_different_model_shape_fails_clearly(
+    reference_run: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    code, err = train_in_process(  # an error path: in this process
         [
             *ZERO3_2RANKS,
             f"output_dir={reference_run}",
             "trainer.resume=auto",
             "model.toy.hidden_size=32",
-        ]
+        ],
+        capsys,
+        monkeypatch,
     )
-    assert proc.returncode != 0
-    assert "the model's hidden_size was 64 there, 32 now" in proc.stderr
+    assert code != 0
+    assert "the model's hidden_size was 64 there, 32 now" in err
 
 
 @pytest.mark.slow
@@ -202,12 +206,17 @@ def test_resume_with_different_data_fails_clearly(reference_run: Path, tmp_path:
     assert "cannot resume with data.sample_train_rows=128" in proc.stderr
 
 
-def test_refuses_to_write_into_an_existing_run(tmp_path: Path) -> None:
+def test_refuses_to_write_into_an_existing_run(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     (run_dir / "metrics.jsonl").write_text("")
-    proc = run_train([*SMALL, f"output_dir={run_dir}", "trainer.max_steps=1"])
-    assert proc.returncode != 0 and "already holds a run" in proc.stderr
+    # an error path: in this process (a subprocess would prove nothing more)
+    code, err = train_in_process(
+        [*SMALL, f"output_dir={run_dir}", "trainer.max_steps=1"], capsys, monkeypatch
+    )
+    assert code != 0 and "already holds a run" in err
 
 
 def test_saved_config_reruns_the_same_experiment(tmp_path: Path) -> None:
