@@ -21,10 +21,10 @@ from typing import Any
 import datasets
 import hydra
 import torch
+from accelerate.utils import set_seed  # as transformers.set_seed, without importing peft
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
-from transformers import set_seed
 
 from rmtrain import engine, hf, text
 from rmtrain.batching import BatchPlan, TokenBudgetPlan

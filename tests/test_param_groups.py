@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from typing import Any
+
+import pytest
+import torch
 from conftest import tiny_score_config
 
 from rmtrain.engine import param_groups
@@ -32,3 +36,29 @@ def test_embeddings_decay_when_asked() -> None:
     model = LlamaScoreModel(tiny_score_config(100, num_labels=1))
     decay, _ = param_groups(model, 0.1, decay_embeddings=True)
     assert "model.embed_tokens.weight" in _names(model, decay)
+
+
+@pytest.mark.parametrize(
+    ("warmup", "total", "min_ratio"), [(0, 10, 0.0), (3, 24, 0.1), (5, 5, 0.0), (2, 7, 0.5)]
+)
+def test_cosine_schedule_equals_transformers(warmup: int, total: int, min_ratio: float) -> None:
+    """rmtrain's schedule (written out to keep peft out of every launch) gives the lr of
+    transformers' get_cosine_with_min_lr_schedule_with_warmup at every step."""
+    from transformers.optimization import get_cosine_with_min_lr_schedule_with_warmup
+
+    from rmtrain.engine import cosine_schedule
+
+    def lrs(make: Any) -> list[float]:
+        opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.5)
+        sched = make(opt)
+        out = []
+        for _ in range(total + 2):
+            out.append(opt.param_groups[0]["lr"])
+            opt.step()
+            sched.step()
+        return out
+
+    ours = lrs(lambda o: cosine_schedule(o, warmup, total, min_ratio))
+    theirs = lrs(lambda o: get_cosine_with_min_lr_schedule_with_warmup(
+        o, num_warmup_steps=warmup, num_training_steps=total, min_lr_rate=min_ratio))  # fmt: skip
+    assert ours == pytest.approx(theirs, abs=1e-12)
