@@ -19,20 +19,14 @@ from typing import Any
 from tqdm import tqdm
 
 from rmtrain.config import LoggerConfig, WandbConfig
+from rmtrain.eval.metrics import EvalSet
 
 
 class Sink:
     def log(self, metrics: dict[str, Any], step: int) -> None:
         raise NotImplementedError
 
-    def log_evaluation(
-        self,
-        name: str,
-        summary: dict[str, Any],
-        records: list[dict[str, Any]],
-        worst: list[dict[str, Any]],
-        step: int,
-    ) -> None:
+    def log_evaluation(self, result: EvalSet, step: int) -> None:
         """One eval set's full result at `step` (sinks that only show scalars ignore it)."""
 
     def log_final(self, images: dict[str, Path], summary: dict[str, float]) -> None:
@@ -136,33 +130,21 @@ class WandbSink(Sink):
     def log(self, metrics: dict[str, Any], step: int) -> None:
         self.run.log(metrics, step=step)
 
-    def log_evaluation(
-        self,
-        name: str,
-        summary: dict[str, Any],
-        records: list[dict[str, Any]],
-        worst: list[dict[str, Any]],
-        step: int,
-    ) -> None:
+    def log_evaluation(self, result: EvalSet, step: int) -> None:
         import wandb
 
-        flat = [r for r in records if "chosen_score" in r]
+        flat = [r for r in result.records if "chosen_score" in r]
         data: dict[str, Any] = {}
-        if flat:
-            for side in ("chosen", "rejected"):
-                scores = [r[f"{side}_score"] for r in flat]
-                data[f"eval/{name}/{side}_scores"] = wandb.Histogram(scores)
-        if worst:
-            columns: list[str | int] = ["margin", "chosen_score", "rejected_score", "chosen_text",
-                       "rejected_text", "source", "row"]  # fmt: skip
-            rows = [
-                [
-                    r["chosen_score"] - r["rejected_score"],
-                    *(r.get(str(c)) for c in columns[1:]),
-                ]
-                for r in worst
-            ]
-            data[f"eval/{name}/worst_pairs"] = wandb.Table(columns=columns, data=rows)
+        for side in ("chosen", "rejected") if flat else ():
+            scores = [r[f"{side}_score"] for r in flat]
+            data[f"eval/{result.name}/{side}_scores"] = wandb.Histogram(scores)
+        if result.worst:
+            fields = ["chosen_score", "rejected_score", "chosen_text", "rejected_text", "source",
+                      "row"]  # fmt: skip
+            rows = [[r["chosen_score"] - r["rejected_score"], *(r.get(f) for f in fields)]
+                    for r in result.worst]  # fmt: skip
+            columns: list[str | int] = ["margin", *fields]
+            data[f"eval/{result.name}/worst_pairs"] = wandb.Table(columns=columns, data=rows)
         if data:
             self.run.log(data, step=step)
 
@@ -184,16 +166,9 @@ class MetricLogger:
         for sink in self.sinks:
             sink.log(metrics, step)
 
-    def log_evaluation(
-        self,
-        name: str,
-        summary: dict[str, Any],
-        records: list[dict[str, Any]],
-        worst: list[dict[str, Any]],
-        step: int,
-    ) -> None:
+    def log_evaluation(self, result: EvalSet, step: int) -> None:
         for sink in self.sinks:
-            sink.log_evaluation(name, summary, records, worst, step)
+            sink.log_evaluation(result, step)
 
     def log_final(self, images: dict[str, Path], summary: dict[str, float]) -> None:
         for sink in self.sinks:

@@ -255,7 +255,7 @@ def _run(
     if env.is_main:
         write_eval_scores(output_dir / "eval_scores.jsonl", trainer.eval_samples, tokenizer)
         images = write_run(
-            output_dir, trainer.evaluations, read_metrics(output_dir / "metrics.jsonl"),
+            output_dir, trainer.evaluations.values(), read_metrics(output_dir / "metrics.jsonl"),
             title=f"{label}: {trainer.step} steps",
         )  # fmt: skip
         logger.log_final(images, result)

@@ -26,8 +26,8 @@ from rmtrain import telemetry
 from rmtrain.batching import BatchPlan, MicroBatch, TokenBudgetPlan, eval_shards
 from rmtrain.config import Config, ConfigError
 from rmtrain.engine import Engine, all_reduce_sum, gather_object
-from rmtrain.eval.metrics import Kind, headline, regroup_styles, summarize
-from rmtrain.eval.outputs import Evaluation, worst_pairs
+from rmtrain.eval.metrics import EvalSet, Kind, headline, regroup_styles, summarize
+from rmtrain.eval.outputs import worst_pairs
 from rmtrain.loggers import MetricLogger
 from rmtrain.losses import PairScores, TokenScores, compute_loss, needs_token_scores, pair_metrics
 from rmtrain.packing import (
@@ -127,9 +127,9 @@ class Trainer:
         # (input ids, end score) of this rank's first eval batch: an independent record of what
         # the trained model scores, to check exports against.
         self.eval_samples: list[tuple[list[int], float]] = []
-        # Rank 0: the last evaluation of every set, (summary of all metrics, per-pair records),
-        # by set name (MAIN_EVAL for the main set); what the run writes into eval/ at the end.
-        self.evaluations: dict[str, Evaluation] = {}
+        # Rank 0: the last evaluation of every set, by set name (MAIN_EVAL for the main set);
+        # what the run writes into eval/ at the end.
+        self.evaluations: dict[str, EvalSet] = {}
         self.decode = decode  # token ids -> text, for the worst-pairs table
         self.checkpointer: Saver | None = None
         self._tables: dict[int, tuple[Dataset, PairTable]] = {}
@@ -299,12 +299,13 @@ class Trainer:
             chosen, rejected = scores.chosen.tolist(), scores.rejected.tolist()
             scored += zip(mb.indices, chosen, rejected, strict=True)
         every = gather_object(scored)  # rank 0: every rank's pairs
+        full = {}
         if every is not None:
-            out = self._summarize(pairs, [x for part in every for x in part], name, p)
+            full = self._summarize(pairs, [x for part in every for x in part], name, p)
         r = _reduce(sums, ["loss", *_PAIR_KEYS[self.cfg.objective]])
         n = float(r["n"])
         out = {
-            **(out if every is not None else {}),
+            **full,
             f"{p}loss": float(r["loss"]) / n,
             f"{p}accuracy": float(r["correct"]) / n,
             f"{p}margin": float(r["margin"]) / n,
@@ -332,17 +333,16 @@ class Trainer:
         kind: Kind = "cost" if self.cfg.objective == "cost" else "reward"
         if records and all("style" in rec for rec in records):
             records = regroup_styles(records)
-        summary = summarize(records, kind=kind)
-        self.evaluations[name] = (summary, records)
-        worst = worst_pairs(records, kind, k=10)
+        result = EvalSet(name, summarize(records, kind=kind), records, worst_pairs(records, kind))
         if self.decode is not None:
-            for row in worst:
+            for row in result.worst:
                 for side in ("chosen", "rejected"):
                     row[f"{side}_text"] = self.decode(
                         table.seq(f"{side}_input_ids", row["index"]).tolist()
                     )
-        self.logger.log_evaluation(name, summary, records, worst, self.step)
-        return {f"{p}{k}": v for k, v in headline(summary).items()}
+        self.evaluations[name] = result
+        self.logger.log_evaluation(result, self.step)
+        return {f"{p}{k}": v for k, v in headline(result.summary).items()}
 
     # -- pieces ---------------------------------------------------------------------------------
     def _table(self, pairs: Dataset) -> PairTable:

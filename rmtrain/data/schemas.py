@@ -18,6 +18,7 @@ from typing import Any, ClassVar
 
 from rmtrain.config import DataConfig
 from rmtrain.data.errors import DataError, type_name, where
+from rmtrain.eval.metrics import pku_pair_labels
 from rmtrain.text import exchange
 
 Check = Callable[[Any], str | None]
@@ -156,6 +157,7 @@ _BOOL = ("is_response_0_safe", "is_response_1_safe")
 _ID = ("better_response_id", "safer_response_id")
 _HARM = ("response_0_harm_category", "response_1_harm_category")
 _SEVERITY = ("response_0_severity_level", "response_1_severity_level")
+_LABELS = (*_BOOL, *_HARM, *_SEVERITY)
 
 
 def column_margins(cols: dict[str, list[Any]], cfg: DataConfig, label: str) -> list[Any] | None:
@@ -257,19 +259,7 @@ class PkuSafeRLHF(Schema):
             out.margin.append(float(margins[i]) if margins is not None else 0.0)
             out.source.append(sources[i])
             out.row.append(rows[i])
-            out.meta.append(self.pair_meta(cols, i, c, labelled))
+            # The labels evaluation splits accuracy by, as chosen/rejected.
+            labels = pku_pair_labels({k: cols[k][i] for k in _LABELS if k in cols}, c)
+            out.meta.append({k: v for k, v in labels.items() if v is not None})
         return out, skipped
-
-    @staticmethod
-    def pair_meta(cols: dict[str, list[Any]], i: int, c: int, labelled: bool) -> dict[str, Any]:
-        """The labels evaluation splits accuracy by, as chosen/rejected (response c is chosen)."""
-        meta: dict[str, Any] = {}
-        for side, k in (("chosen", c), ("rejected", 1 - c)):
-            if labelled:
-                meta[f"{side}_safe"] = bool(cols[_BOOL[k]][i])
-            if _SEVERITY[k] in cols:
-                meta[f"severity_{side}"] = cols[_SEVERITY[k]][i]
-            if _HARM[k] in cols:
-                harm = cols[_HARM[k]][i] or {}
-                meta[f"harm_categories_{side}"] = sorted(n for n, on in harm.items() if on)
-        return meta

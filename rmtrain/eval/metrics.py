@@ -44,6 +44,7 @@ __all__ = [
     "length_bias",
     "pairwise_stats",
     "pku_pair_fields",
+    "pku_pair_labels",
     "rewardbench_scores",
     "rmbench_accuracy",
     "rmbench_scores",
@@ -289,6 +290,12 @@ def pku_pair_fields(row: Mapping[str, Any], chosen_id: int) -> dict[str, Any]:
         "chosen_safe": _opt_bool(row.get(f"is_response_{c}_safe")),
         "rejected_safe": _opt_bool(row.get(f"is_response_{r}_safe")),
     }
+
+
+def pku_pair_labels(row: Mapping[str, Any], chosen_id: int) -> dict[str, Any]:
+    """:func:`pku_pair_fields` ready for JSON: harm categories as sorted lists."""
+    fields = pku_pair_fields(row, chosen_id)
+    return {k: sorted(v) if isinstance(v, frozenset) else v for k, v in fields.items()}
 
 
 # --------------------------------------------------------------------------------------------
@@ -856,6 +863,17 @@ def summarize(
 # --------------------------------------------------------------------------------------------
 # Training-time helpers: RM-Bench rows from their pairs, and the scalars a dashboard plots
 # --------------------------------------------------------------------------------------------
+@dataclass
+class EvalSet:
+    """One eval set's evaluation: the :func:`summarize` result, the per-pair records it was
+    computed from, and the worst-ranked pairs (with their texts where a tokenizer was at hand)."""
+
+    name: str
+    summary: dict[str, Any]
+    records: list[dict[str, Any]]
+    worst: list[dict[str, Any]] = field(default_factory=list)
+
+
 def regroup_styles(records: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     """RM-Bench rows back from their style pairs: records with ``style`` = [chosen variant,
     rejected variant] and the same ``source``/``row`` become one record with per-variant

@@ -13,15 +13,13 @@ A training run also gets ``curves.png`` (loss, accuracy, margin from ``metrics.j
 from __future__ import annotations
 
 import json
-import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from rmtrain.eval import plots
+from rmtrain.eval.metrics import EvalSet
 from rmtrain.score import write_atomic
-
-Evaluation = tuple[dict[str, Any], list[dict[str, Any]]]  # (summary, per-pair records)
 
 
 def write_set(
@@ -62,7 +60,7 @@ def write_set(
 
 def write_run(
     run_dir: Path,
-    evaluations: Mapping[str, Evaluation],
+    evaluations: Iterable[EvalSet],
     metrics_rows: Sequence[Mapping[str, Any]],
     title: str,
 ) -> dict[str, Path]:
@@ -72,23 +70,20 @@ def write_run(
     curves = plots.plot_training_curves(metrics_rows, run_dir / "curves.png", title=title)
     images["Training curves"] = curves
     sections = ["", "## Training curves", "", "![Training curves](curves.png)"]
-    for name, (summary, records) in evaluations.items():
-        set_images = write_set(run_dir, name, summary, records)
-        sections += ["", f"## Eval set `{name}`", "", "| metric | value |", "|---|---|"]
-        sections += [f"| {k} | {plots.fmt(v)} |" for k, v in plots.metric_rows(summary)]
-        sections.append(f"\nAll metrics: [eval/{name}.json](eval/{name}.json); per pair: "
-                        f"[eval/{name}.pairs.jsonl](eval/{name}.pairs.jsonl).")  # fmt: skip
-        for caption, path in set_images.items():
-            rel = Path(os.path.relpath(path, run_dir)).as_posix()
-            sections += ["", f"### {caption}", "", f"![{caption}: {name}]({rel})"]
-            images[f"{name}/{caption}"] = path
+    for ev in evaluations:
+        set_images = write_set(run_dir, ev.name, ev.summary, ev.records)
+        sections += ["", f"## Eval set `{ev.name}`", "",
+                     f"All metrics: [eval/{ev.name}.json](eval/{ev.name}.json); per pair: "
+                     f"[eval/{ev.name}.pairs.jsonl](eval/{ev.name}.pairs.jsonl)."]  # fmt: skip
+        sections += plots.report_section(ev.summary, set_images, run_dir, "###")
+        images.update({f"{ev.name}/{caption}": path for caption, path in set_images.items()})
     report = "\n".join([f"# {title}", *sections]) + "\n"
     write_atomic(run_dir / "report.md", lambda f: f.write(report))
     return images
 
 
 def worst_pairs(
-    records: Sequence[Mapping[str, Any]], kind: str = "reward", k: int = 20
+    records: Sequence[Mapping[str, Any]], kind: str = "reward", k: int = 10
 ) -> list[dict[str, Any]]:
     """The k pairs the model ranks most wrongly: the lowest chosen - rejected margin (for a
     cost model, the lowest rejected - chosen cost)."""

@@ -27,6 +27,7 @@ __all__ = [
     "plot_reliability",
     "plot_reward_histograms",
     "plot_training_curves",
+    "report_section",
     "write_report",
 ]
 
@@ -194,7 +195,7 @@ def plot_training_curves(
     return _save(fig, path)
 
 
-def fmt(x: Any) -> str:
+def _fmt(x: Any) -> str:
     if isinstance(x, bool) or x is None:
         return "n/a" if x is None else str(x)
     if isinstance(x, float):
@@ -202,7 +203,7 @@ def fmt(x: Any) -> str:
     return str(x)
 
 
-def metric_rows(summary: Mapping[str, Any]) -> list[tuple[str, Any]]:
+def _metric_rows(summary: Mapping[str, Any]) -> list[tuple[str, Any]]:
     """The handful of numbers a reader looks for first, in a fixed order."""
     rows: list[tuple[str, Any]] = [("kind", summary.get("kind"))]
     overall = summary.get("overall") or {}
@@ -246,11 +247,23 @@ def write_report(
     embedded with a link relative to ``out_dir``, so the folder can be moved or published."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    lines = [f"# {title}", "", "| metric | value |", "|---|---|"]
-    lines += [f"| {name} | {fmt(value)} |" for name, value in metric_rows(summary)]
-    for caption, image in images.items():
-        rel = Path(os.path.relpath(Path(image).resolve(), out.resolve())).as_posix()
-        lines += ["", f"## {caption}", "", f"![{caption}]({rel})"]
     report = out / "report.md"
+    lines = [f"# {title}", *report_section(summary, images, out, "##")]
     report.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return report
+
+
+def report_section(
+    summary: Mapping[str, Any],
+    images: Mapping[str, str | os.PathLike[str]],
+    base: Path,
+    heading: str,
+) -> list[str]:
+    """Markdown lines: the metrics table, then each image under a `heading` caption, linked
+    relative to `base` (the folder of the report that embeds them)."""
+    lines = ["", "| metric | value |", "|---|---|"]
+    lines += [f"| {name} | {_fmt(value)} |" for name, value in _metric_rows(summary)]
+    for caption, image in images.items():
+        rel = Path(os.path.relpath(Path(image).resolve(), base.resolve())).as_posix()
+        lines += ["", f"{heading} {caption}", "", f"![{caption}]({rel})"]
+    return lines

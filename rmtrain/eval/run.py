@@ -158,12 +158,7 @@ def evaluate_file(
             record.update(chosen_score=c_scores[0], rejected_score=r_scores[0],
                           chosen_len=c_lens[0], rejected_len=r_lens[0])  # fmt: skip
         if layout == "pku_saferlhf":
-            c = row[f"{preference}_response_id"]
-            fields = metrics.pku_pair_fields(row, c)
-            for key in ("harm_categories_chosen", "harm_categories_rejected"):
-                if fields[key] is not None:
-                    fields[key] = sorted(fields[key])
-            record.update(fields)
+            record.update(metrics.pku_pair_labels(row, row[f"{preference}_response_id"]))
         records.append(record)
     bad = [r["line"] for r in records for v in _scores_of(r) if not _finite(v)]
     if bad:
