@@ -24,8 +24,7 @@ from typing import Any
 import pytest
 import reference_loop as ref
 import torch
-from conftest import check_ok, read_metrics, run_train
-from safetensors.torch import load_file
+from conftest import check_ok, export_weights, read_metrics, run_train
 
 SEED, LR, STEPS, GLOBAL, CLIP = 42, 1e-3, 5, 8, 2.0
 TRAIN_ROWS, EVAL_ROWS, MAX_LEN, EVAL_BATCH = 27, 17, 96, 4
@@ -173,12 +172,7 @@ class Run:
 
 
 def load_export(run_dir: Path) -> dict[str, torch.Tensor]:
-    weights: dict[str, torch.Tensor] = {}
-    shards = sorted((run_dir / "export").glob("*.safetensors"))
-    assert shards, f"no export in {run_dir}"
-    for shard in shards:
-        weights.update(load_file(shard))
-    return weights
+    return export_weights(run_dir / "export")
 
 
 def weight_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> tuple[float, float, str]:
@@ -279,7 +273,7 @@ def reference(data: dict[str, Any]) -> ref.RefResult:
 @pytest.fixture(scope="module")
 def tb_reference(data: dict[str, Any]) -> ref.RefResult:
     """The reference loop on the token-budget run's pairs per step (the step's M micro-batches)."""
-    from rmtrain.packing import token_budget_batches
+    from rmtrain.batching import token_budget_batches
 
     lengths = [len(r["chosen_input_ids"]) + len(r["rejected_input_ids"]) for r in data["train"]]
     steps: list[list[int]] = []

@@ -28,17 +28,19 @@ import torch
 from conftest import (
     REPO,
     SMALL,
+    assert_same_weights,
     check_ok,
     cli_env,
+    export_weights,
+    read_marker,
     read_metrics,
     run_train,
     train_in_process,
     write_jsonl,
 )
-from safetensors.torch import load_file
 
 from rmtrain import engine, hf
-from rmtrain.checkpoint import MARKER, file_digest, find_resume_point, read_marker
+from rmtrain.checkpoint import MARKER, file_digest, find_resume_point
 from rmtrain.export import export_checkpoint
 from rmtrain.toy.sample_data import generate_rows
 
@@ -53,20 +55,6 @@ FAST = [
     "trainer.keep_last=3",
     "trainer.eval_every=0",
 ]
-
-
-def weights(export: Path) -> dict[str, torch.Tensor]:
-    out: dict[str, torch.Tensor] = {}
-    for shard in sorted(export.glob("*.safetensors")):
-        out.update(load_file(shard))
-    return out
-
-
-def assert_same_weights(a: Path, b: Path) -> None:
-    wa, wb = weights(a), weights(b)
-    assert wa.keys() == wb.keys()
-    for k in wa:
-        assert torch.equal(wa[k], wb[k]), k
 
 
 @pytest.fixture(scope="module")
@@ -157,14 +145,14 @@ def test_row02_divergence_stops_without_export(tmp_path: Path) -> None:
     assert not (run_dir / "export").exists()
     for path in (run_dir / "checkpoints").glob("step_*"):  # only finite ones were written
         export = export_checkpoint(path, tmp_path / path.name)
-        assert all(torch.isfinite(v).all() for v in weights(export).values())
+        assert all(torch.isfinite(v).all() for v in export_weights(export).values())
 
 
 def test_row02_export_refuses_non_finite_weights(tmp_path: Path) -> None:
     from conftest import make_export
 
     good = make_export(tmp_path / "good")
-    state = weights(good)
+    state = export_weights(good)
     state[next(iter(state))][0] = float("nan")
     model_config = hf.AutoConfig.from_pretrained(good)
     tok = hf.AutoTokenizer.from_pretrained(good)

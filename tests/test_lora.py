@@ -9,9 +9,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import SMALL, check_ok, read_metrics, run_train, tiny_score_config
+from conftest import (
+    SMALL,
+    check_export,
+    check_ok,
+    export_weights,
+    read_metrics,
+    run_train,
+    tiny_score_config,
+)
 from peft import LoraConfig, get_peft_model
-from safetensors.torch import load_file
 
 from rmtrain.config import LoRAConfig
 from rmtrain.hf import merge_lora
@@ -51,7 +58,6 @@ def _train(run_dir: Path, nproc: int, extra: list[str]) -> None:
 def test_lora_learns_and_exports_a_plain_model(tmp_path: Path, stage: int, nproc: int) -> None:
     """ZeRO-2 here; 2-rank ZeRO-3 LoRA trains, exports and resumes exactly in
     test_resume.test_lora_sigkill_then_resume_matches_uninterrupted_run."""
-    from test_e2e import check_export
 
     run_dir = tmp_path / "run"
     _train(run_dir, nproc, [f"deepspeed=zero{stage}", "trainer.save_every=12",
@@ -73,12 +79,7 @@ def test_lora_learns_and_exports_a_plain_model(tmp_path: Path, stage: int, nproc
     from rmtrain.export import export_checkpoint
 
     out = export_checkpoint(run_dir, tmp_path / "from_ckpt")
-    merged = {}
-    for shard in sorted((run_dir / "export").glob("*.safetensors")):
-        merged.update(load_file(shard))
-    again = {}
-    for shard in sorted(out.glob("*.safetensors")):
-        again.update(load_file(shard))
+    merged, again = export_weights(run_dir / "export"), export_weights(out)
     assert merged.keys() == again.keys()
     for key in merged:
         torch.testing.assert_close(again[key], merged[key], rtol=1e-5, atol=1e-5, msg=key)

@@ -19,7 +19,7 @@ from rmtrain.config import DataConfig, ModelConfig
 from rmtrain.data.pairs import build_pairs
 from rmtrain.data.sources import load_rows
 from rmtrain.model import AutoModelForScore
-from rmtrain.score import Scorer
+from rmtrain.scoring import Scorer
 from rmtrain.text import use_template
 from rmtrain.toy.sample_data import generate_rows
 
