@@ -38,6 +38,7 @@ import numpy as np
 import torch
 
 from rmtrain.config import TrainerConfig
+from rmtrain.data.cache import check_same_data
 from rmtrain.engine import DistEnv, Engine, all_reduce_sum, barrier, broadcast_object
 from rmtrain.errors import CheckpointError, ConfigError
 from rmtrain.files import no_space, write_atomic
@@ -207,6 +208,9 @@ RESUME_MAY_CHANGE = (
     "output_dir",
     "run_name",
     "logger.",
+    "data.cache",
+    "data.cache_dir",
+    "data.num_proc",
 )
 
 
@@ -218,15 +222,20 @@ class Resume:
     marker: Marker
     changes: dict[str, list[Any]]
 
-    def check_data(self, held_out: dict[str, Any]) -> None:
-        """Refuse other held-out rows than the checkpoint's (a changed training set is caught by
-        the trainer's data-order check)."""
+    def check_data(
+        self, held_out: dict[str, Any], fingerprint: dict[str, Any] | None = None
+    ) -> None:
+        """Refuse other held-out rows than the checkpoint's, and other data: pairs whose
+        content differs from what the checkpoint was trained on (`fingerprint`, the data
+        cache's; a changed number of pairs is also caught by the trainer's data-order check)."""
         was = self.marker.run.get("held_out", {})
         if was != held_out:
             raise ConfigError(
                 f"cannot resume from {self.marker.path}: its eval set was chosen differently "
                 f"({_brief(was)} there, {_brief(held_out)} now)"
             )
+        if fingerprint is not None:
+            check_same_data(self.marker.run.get("fingerprint"), fingerprint, str(self.marker.path))
 
 
 def plan_resume(

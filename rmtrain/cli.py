@@ -11,6 +11,10 @@ import sys
 
 COMMANDS = {
     "train": ("rmtrain.train", "train and export a reward model (args: Hydra overrides)"),
+    "prepare": (
+        "rmtrain.prepare",
+        "tokenize a run's data into the data cache ahead of time (args: train's overrides)",
+    ),
     "export": ("rmtrain.export", "write the transformers export of a saved run or checkpoint"),
     "score": ("rmtrain.score", "score a JSONL file with an exported model"),
     "eval": (

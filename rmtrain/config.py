@@ -27,6 +27,13 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 
 from rmtrain.errors import ConfigError
 
+# The YAML config tree (`configs/` of a checkout, `rmtrain/configs` of an installed wheel).
+CONFIG_DIR = next(
+    p
+    for p in (Path(__file__).parent / "configs", Path(__file__).parents[1] / "configs")
+    if p.is_dir()
+)
+
 
 def _choice(key: str, value: Any, allowed: tuple[Any, ...]) -> None:
     if value not in allowed:
@@ -226,6 +233,14 @@ class DataConfig:
     """Train on a weighted mixture of sources instead of data.path, e.g.
     [{path: a.jsonl, weight: 2}, {path: b.parquet, format: standard}]; needs eval_fraction
     (carved per source, before weighting) or eval_path."""
+    cache: bool = True
+    """Tokenize once into the data cache (cache_dir) and map it; a later run with the same data
+    and settings starts in seconds. false: tokenize into a temporary directory, removed once
+    mapped (README: "The data cache")."""
+    cache_dir: str | None = None
+    """Where the data cache lives; None: $RMTRAIN_DATA_CACHE, else ~/.cache/rmtrain/pairs."""
+    num_proc: int | None = None
+    """Processes per rank that tokenize a cold cache (None: the rank's share of the CPU cores)."""
 
     @property
     def per_pair_margin(self) -> bool:
@@ -262,6 +277,8 @@ class DataConfig:
             raise ConfigError(f"data.max_length={self.max_length} is too small (minimum 8)")
         if self.min_severity_gap < 0:
             raise ConfigError("data.min_severity_gap must be >= 0")
+        if self.num_proc is not None and self.num_proc < 1:
+            raise ConfigError(f"data.num_proc={self.num_proc} must be >= 1 (or null: automatic)")
 
 
 @dataclass

@@ -82,37 +82,72 @@ def open_lines(path: Path) -> Iterator[bytes]:
         yield from f
 
 
-def read_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+def read_jsonl(
+    path: Path, start: int = 0, end: int | None = None, first_line: int = 1
+) -> Iterator[tuple[int, dict[str, Any]]]:
     """(1-based line number, row) of every non-blank line of a JSONL file.
 
     DataError names the file and line of the first line that is not UTF-8, not JSON or not a
     JSON object; an unreadable file (missing, a corrupt `.xz`) is a DataError naming the file.
+    `start` / `end` / `first_line`: only the lines that start in bytes [start, end) of a plain
+    file, `start` being the first byte of line `first_line` (how a large file is read in parts).
     """
+    for n, raw, _ in jsonl_lines(path, start, end, first_line):
+        row = parse_jsonl_line(path, n, raw)
+        if row is not None:
+            yield n, row
+
+
+def jsonl_lines(
+    path: Path, start: int = 0, end: int | None = None, first_line: int = 1
+) -> Iterator[tuple[int, bytes, int]]:
+    """(line number, raw line, byte position after it) of the lines starting in [start, end)
+    (see :func:`read_jsonl`); a missing or unreadable file is a DataError naming it."""
     path = Path(path)
     try:
-        for n, raw in enumerate(open_lines(path), 1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise DataError(
-                    where(str(path), n, "<json>", f"not UTF-8 ({e.reason} at byte {e.start})")
-                ) from None
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(
-                    where(str(path), n, "<json>", f"invalid JSON: {e.msg} (column {e.colno})")
-                ) from None
-            if not isinstance(row, dict):
-                raise DataError(
-                    where(str(path), n, "<json>", f"expected a JSON object, got {type_name(row)}")
-                )
-            yield n, row
+        if start or end is not None:
+            if path.name.endswith(".xz"):
+                raise ValueError("a compressed file is read from its start")
+            with open(path, "rb") as f:
+                f.seek(start)
+                pos = start
+                for n, raw in enumerate(f, first_line):
+                    if end is not None and pos >= end:
+                        return
+                    pos += len(raw)
+                    yield n, raw, pos
+            return
+        pos = 0
+        for n, raw in enumerate(open_lines(path), first_line):
+            pos += len(raw)
+            yield n, raw, pos
     except (lzma.LZMAError, EOFError, OSError) as e:
         reason = e.strerror if isinstance(e, OSError) and e.strerror else f"{type(e).__name__}: {e}"
         raise DataError(f"{path}: cannot read it: {reason}") from None
+
+
+def parse_jsonl_line(path: Path, n: int, raw: bytes) -> dict[str, Any] | None:
+    """Line `n` of a JSONL file as a row (None for a blank line); DataError naming the file and
+    line when it is not UTF-8, not JSON or not a JSON object."""
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(
+            where(str(path), n, "<json>", f"not UTF-8 ({e.reason} at byte {e.start})")
+        ) from None
+    if not line.strip():
+        return None
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise DataError(
+            where(str(path), n, "<json>", f"invalid JSON: {e.msg} (column {e.colno})")
+        ) from None
+    if not isinstance(row, dict):
+        raise DataError(
+            where(str(path), n, "<json>", f"expected a JSON object, got {type_name(row)}")
+        )
+    return row
 
 
 def no_space(err: BaseException, path: Path, last_good: Path | None) -> CheckpointError | None:

@@ -23,8 +23,8 @@ import torch
 from huggingface_hub import save_torch_state_dict
 from transformers import AutoConfig, AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
 
-from rmtrain import toy
-from rmtrain.config import LoRAConfig, ModelConfig
+from rmtrain import text, toy
+from rmtrain.config import Config, LoRAConfig, ModelConfig
 from rmtrain.errors import ConfigError
 from rmtrain.files import atomic_directory
 from rmtrain.model import LlamaScoreModel
@@ -68,6 +68,21 @@ def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
         raise ConfigError(f"model.name_or_path={cfg.name_or_path}: its tokenizer has no EOS token")
     tok.padding_side = cfg.padding_side
     return tok
+
+
+def load_text_format(cfg: Config) -> tuple[Any, dict[str, Any]]:
+    """The tokenizer with the chat template the run trains and exports, and the model's
+    architecture record (checked against a resumed checkpoint's)."""
+    tokenizer = load_tokenizer(cfg.model)
+    text.use_template(tokenizer, cfg.data.template)
+    model_config = score_model_config(cfg.model, tokenizer)
+    context = getattr(model_config, "max_position_embeddings", None)
+    if context is not None and cfg.data.max_length > context:
+        raise ConfigError(
+            f"data.max_length={cfg.data.max_length} exceeds the model's context "
+            f"({context} positions)"
+        )
+    return tokenizer, architecture(model_config, tokenizer)
 
 
 def _load(loader: Any, key: str, name: str, **kwargs: Any) -> Any:

@@ -18,13 +18,20 @@ import torch
 from accelerate.utils import set_seed  # as transformers.set_seed, without importing peft
 from omegaconf import DictConfig, OmegaConf
 
-from rmtrain import engine, hf, text
+from rmtrain import engine, hf
 from rmtrain.batch import Layout
 from rmtrain.batching import build_plan
 from rmtrain.card import write_export
 from rmtrain.checkpoint import RunInfo, complete_checkpoints, plan_resume
-from rmtrain.config import Config, check_command_line, register_schemas, to_config
+from rmtrain.config import (
+    CONFIG_DIR,
+    Config,
+    check_command_line,
+    register_schemas,
+    to_config,
+)
 from rmtrain.data.assemble import load_run_data, summary
+from rmtrain.data.cache import Ranks
 from rmtrain.errors import ConfigError, UserError
 from rmtrain.eval.outputs import write_eval_scores, write_run
 from rmtrain.evaluator import MAIN_EVAL, Evaluator
@@ -35,12 +42,6 @@ from rmtrain.preemption import PREEMPTED_EXIT, Stopped, StopRequest
 from rmtrain.record import RunRecord
 from rmtrain.rundir import agree_output_dir, run_lock, save_config, warn_disk_space
 from rmtrain.trainer import Trainer
-
-CONFIG_DIR = next(
-    p
-    for p in (Path(__file__).parent / "configs", Path(__file__).parents[1] / "configs")
-    if p.is_dir()
-)
 
 
 def main() -> None:
@@ -112,12 +113,13 @@ def train(
     cfg: Config, config: dict[str, Any], env: engine.DistEnv, output_dir: Path, stop: StopRequest
 ) -> dict[str, float]:
     t = cfg.trainer
-    tokenizer, arch = load_text_format(cfg)
+    tokenizer, arch = hf.load_text_format(cfg)
     resume = plan_resume(t.resume, output_dir, config, arch, env, cfg.deepspeed.stage)
-    data = load_run_data(cfg.data, tokenizer, cfg.objective, t.seed)
+    data = load_run_data(cfg.data, tokenizer, cfg.objective, t.seed, data_ranks(env),
+                         progress=env.is_main and sys.stderr.isatty())  # fmt: skip
     record = RunRecord(config, data.counts, held_out=data.held_out)
     if resume is not None:
-        resume.check_data(record.held_out)
+        resume.check_data(record.held_out, data.fingerprint)
     if env.is_main:
         for line in summary(record.data):
             print(line, flush=True)
@@ -137,7 +139,8 @@ def train(
         eng, {MAIN_EVAL: data.eval, **data.eval_sets}, layout, loss, t.eval_batch_size, logger,
         decode=lambda ids: str(tokenizer.decode(ids, skip_special_tokens=False)),
     )  # fmt: skip
-    run_info = {"config": config, "data": record.data, "held_out": record.held_out}
+    run_info = {"config": config, "data": record.data, "held_out": record.held_out,
+                "fingerprint": data.fingerprint}  # fmt: skip
     info = RunInfo(output_dir, run_info, arch, (eng.module.config, tokenizer))
     trainer = Trainer(t, eng, plan, data.train, layout, loss, evaluator, logger, info, stop)
     if env.is_main:
@@ -165,19 +168,9 @@ def train(
     return result
 
 
-def load_text_format(cfg: Config) -> tuple[Any, dict[str, Any]]:
-    """The tokenizer with the chat template the run trains and exports, and the model's
-    architecture record (checked against a resumed checkpoint's)."""
-    tokenizer = hf.load_tokenizer(cfg.model)
-    text.use_template(tokenizer, cfg.data.template)
-    model_config = hf.score_model_config(cfg.model, tokenizer)
-    context = getattr(model_config, "max_position_embeddings", None)
-    if context is not None and cfg.data.max_length > context:
-        raise ConfigError(
-            f"data.max_length={cfg.data.max_length} exceeds the model's context "
-            f"({context} positions)"
-        )
-    return tokenizer, hf.architecture(model_config, tokenizer)
+def data_ranks(env: engine.DistEnv) -> Ranks:
+    """The launch's ranks as the data cache uses them (they share tokenizing a cold cache)."""
+    return Ranks(env.rank, env.world_size, engine.all_gather_object)
 
 
 def build_engine(cfg: Config, env: engine.DistEnv, tokenizer: Any, steps: int) -> engine.Engine:

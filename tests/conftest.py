@@ -42,6 +42,15 @@ SMALL = [
 ]
 
 
+@pytest.fixture(scope="session", autouse=True)
+def data_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The data cache of this test session (on, as for users, but never a user's own): every
+    run, in this process or a child, tokenizes into it (RMTRAIN_DATA_CACHE)."""
+    path = tmp_path_factory.mktemp("data-cache")
+    os.environ["RMTRAIN_DATA_CACHE"] = str(path)
+    return path
+
+
 def cli_env() -> dict[str, str]:
     env = dict(os.environ)
     env.update(DS_ACCELERATOR="cpu", WANDB_MODE="disabled", PYTHONUNBUFFERED="1")

@@ -41,8 +41,11 @@ def test_selection_shares_storage_and_compacts_to_the_same_pairs() -> None:
     flat = sel.compact()
     assert flat.tokens is not t.tokens and len(flat.tokens) == 7 + 7 + 6
     assert list(flat) == list(sel)
-    both = PairTable.concat([sel, t])
-    assert list(both) == [*sel, *t] and len(both.meta) == 6
+    both = PairTable.concat([sel, t])  # selections of one storage: concatenated indices
+    assert list(both) == [*sel, *t] and both.tokens is t.tokens and len(both.meta) == 3
+    other = PairTable.from_lists([[4]], [[4, 5]], {k: [0] for k in LABELS}, ["{}"])
+    mixed = PairTable.concat([sel, other])  # two storages: copied into one
+    assert list(mixed) == [*sel, *other] and len(mixed.meta) == 4
 
 
 def test_hashes_count_duplicates_and_overlap() -> None:

@@ -9,6 +9,11 @@ source, so resume and the data-order checks work unchanged.
 
 ``data.eval_fraction`` holds out a seeded fraction of each source's rows (before weighting, so a
 repeated pair never lands on both sides); which rows were held out is recorded (file and line).
+
+Every split the run reads is tokenized once into the data cache (:mod:`rmtrain.data.cache`)
+and mapped; the sets here are selections of its pairs (an index each, no copy), and their counts
+are computed from its arrays. So the eval fraction, split seed, weights and seed can change
+without tokenizing again.
 """
 
 from __future__ import annotations
@@ -20,10 +25,12 @@ from pathlib import Path
 from typing import Any
 
 import datasets
+import numpy as np
 
 from rmtrain.config import DataConfig, SourceConfig
-from rmtrain.data.pairs import DataStats, build_pairs
-from rmtrain.data.sources import ROW_COL, SOURCE_COL, load_rows
+from rmtrain.data.cache import Prepared, Ranks, prepare
+from rmtrain.data.pairs import DataStats
+from rmtrain.data.sources import plan_read
 from rmtrain.data.table import PairTable
 from rmtrain.errors import DataError
 
@@ -38,6 +45,9 @@ class RunData:
     held_out: dict[str, Any] = field(default_factory=dict)
     """How the main eval set was chosen; for eval_fraction the held-out rows, per file."""
     warnings: list[str] = field(default_factory=list)
+    fingerprint: dict[str, Any] = field(default_factory=dict)
+    """The data cache entry's key, content digest and inputs (what a resume checks)."""
+    prepared: Prepared | None = None
 
 
 def source_config(d: DataConfig, src: SourceConfig) -> DataConfig:
@@ -57,13 +67,19 @@ def source_config(d: DataConfig, src: SourceConfig) -> DataConfig:
     )
 
 
+def held_out(n: int, fraction: float, seed: int) -> list[int]:
+    """The seeded `fraction` of `n` rows (at least one, never all) that eval_fraction holds out,
+    ascending."""
+    k = min(max(1, round(fraction * n)), n - 1) if n > 1 else 0
+    return sorted(random.Random(f"rmtrain-eval:{seed}").sample(range(n), k))
+
+
 def carve(rows: datasets.Dataset, fraction: float, seed: int) -> tuple[datasets.Dataset, ...]:
     """(train rows, held-out rows): a seeded `fraction` of the rows (at least one) held out."""
-    n = len(rows)
-    k = min(max(1, round(fraction * n)), n - 1) if n > 1 else 0
-    held = set(random.Random(f"rmtrain-eval:{seed}").sample(range(n), k))
-    keep = [i for i in range(n) if i not in held]
-    return rows.select(keep), rows.select(sorted(held))
+    held = held_out(len(rows), fraction, seed)
+    mask = np.ones(len(rows), bool)
+    mask[held] = False
+    return rows.select(np.flatnonzero(mask)), rows.select(held)
 
 
 def mix(pairs: PairTable, weight: float, seed: int, label: str) -> PairTable:
@@ -75,13 +91,6 @@ def mix(pairs: PairTable, weight: float, seed: int, label: str) -> PairTable:
     return pairs.select([*range(n)] * whole + sample)
 
 
-def _held_rows(rows: datasets.Dataset) -> dict[str, list[int]]:
-    out: dict[str, list[int]] = {}
-    for source, row in zip(rows[SOURCE_COL], rows[ROW_COL], strict=True):
-        out.setdefault(source, []).append(int(row))
-    return out
-
-
 def _sum(stats: list[DataStats]) -> DataStats:
     total = DataStats()
     for s in stats:
@@ -90,8 +99,16 @@ def _sum(stats: list[DataStats]) -> DataStats:
     return total
 
 
-def load_run_data(d: DataConfig, tokenizer: Any, objective: str, seed: int) -> RunData:
-    """Everything a run trains and evaluates on (see the module docstring)."""
+def load_run_data(
+    d: DataConfig,
+    tokenizer: Any,
+    objective: str,
+    seed: int,
+    ranks: Ranks | None = None,
+    progress: bool = False,
+) -> RunData:
+    """Everything a run trains and evaluates on (see the module docstring). `ranks`: the launch's
+    ranks, which share the tokenizing of a cold cache; `progress`: show a progress bar."""
     mixture = [(src.display(), source_config(d, src), src.weight) for src in d.mixture]
     if not mixture:
         if Path(d.path).expanduser().is_file() and not (d.eval_fraction or d.eval_path):
@@ -100,19 +117,42 @@ def load_run_data(d: DataConfig, tokenizer: Any, objective: str, seed: int) -> R
                 "hold out rows, or data.eval_path=<eval file>"
             )
         mixture = [("", d, 1.0)]
+    if objective == "cost" and d.preference != "safer":
+        raise DataError("objective=cost trains on safety pairs: set data.preference=safer")
 
+    reads = [plan_read(scfg, scfg.train_split) for _, scfg, _ in mixture]
     out = RunData(PairTable.empty(), PairTable.empty())
+    if d.eval_fraction:
+        out.held_out = {"method": "eval_fraction", "eval_fraction": d.eval_fraction,
+                        "split_seed": d.split_seed, "rows": {}}  # fmt: skip
+    else:
+        if d.eval_path:
+            ecfg = dataclasses.replace(d, path=d.eval_path, mixture=[])
+            out.held_out = {"method": "eval_path", "path": d.eval_path, "split": d.eval_split}
+        else:
+            ecfg = d
+            out.held_out = {"method": "split", "path": d.path, "split": d.eval_split}
+        reads.append(plan_read(ecfg, ecfg.eval_split))
+    extra = [(src.display(), source_config(d, src)) for src in d.eval_sets]
+    reads += [plan_read(scfg, src.split) for (_, scfg), src in zip(extra, d.eval_sets, strict=True)]
+    data = prepare(reads, tokenizer, d, objective, ranks, progress)
+    out.prepared, out.fingerprint = data, data.fingerprint
+    every = data.table()
+
     train_parts, unweighted, eval_parts, train_stats, eval_stats = [], [], [], [], []
-    held: dict[str, list[int]] = {}
-    for label, scfg, weight in mixture:
-        rows = load_rows(scfg, scfg.train_split)
+    for k, (label, _, weight) in enumerate(mixture):
+        rows = None
         if d.eval_fraction:
-            rows, held_rows = carve(rows, d.eval_fraction, d.split_seed)
-            held.update(_held_rows(held_rows))
-            pairs, stats = build_pairs(held_rows, scfg, tokenizer, objective)
-            eval_parts.append(pairs)
+            held = np.asarray(held_out(data.rows(k), d.eval_fraction, d.split_seed), np.int64)
+            rows = np.ones(data.rows(k), bool)
+            rows[held] = False
+            out.held_out["rows"].update(data.row_lines(k, held))
+            index, stats = data.split(k, ~rows)
+            eval_parts.append(every.select(index))
             eval_stats.append(stats)
-        pairs, stats = build_pairs(rows, scfg, tokenizer, objective)
+        index, stats = data.split(k, rows)
+        pairs = every.select(index)
+        stats.duplicates = pairs.duplicates()
         unweighted.append(pairs)
         if label:
             mixed = mix(pairs, weight, seed, label)
@@ -129,35 +169,24 @@ def load_run_data(d: DataConfig, tokenizer: Any, objective: str, seed: int) -> R
         out.counts["train"]["mixed"] = len(out.train)
 
     if d.eval_fraction:
-        out.held_out = {
-            "method": "eval_fraction",
-            "eval_fraction": d.eval_fraction,
-            "split_seed": d.split_seed,
-            "rows": held,
-        }
         out.eval = PairTable.concat(eval_parts)
         main_stats = _sum(eval_stats)
     else:
-        if d.eval_path:
-            ecfg = dataclasses.replace(d, path=d.eval_path, mixture=[])
-            out.held_out = {"method": "eval_path", "path": d.eval_path, "split": d.eval_split}
-        else:
-            ecfg = d
-            out.held_out = {"method": "split", "path": d.path, "split": d.eval_split}
-        out.eval, main_stats = build_pairs(
-            load_rows(ecfg, ecfg.eval_split), ecfg, tokenizer, objective
-        )
+        index, main_stats = data.split(len(mixture))
+        out.eval = every.select(index)
     main_stats.duplicates = out.eval.duplicates()
     train_keys = out.train.pair_hashes()
     main_stats.in_train = out.eval.overlap(train_keys)
     out.counts["eval"] = main_stats.as_dict()
 
-    for src in d.eval_sets:
-        scfg = source_config(d, src)
-        pairs, stats = build_pairs(load_rows(scfg, src.split), scfg, tokenizer, objective)
+    first_set = len(reads) - len(extra)
+    for k, (name, _) in enumerate(extra):
+        index, stats = data.split(first_set + k)
+        pairs = every.select(index)
+        stats.duplicates = pairs.duplicates()
         stats.in_train = pairs.overlap(train_keys)
-        out.eval_sets[src.display()] = pairs
-        out.counts[f"eval/{src.display()}"] = stats.as_dict()
+        out.eval_sets[name] = pairs
+        out.counts[f"eval/{name}"] = stats.as_dict()
 
     _check_not_empty(d, out)
     for name, counts in out.counts.items():
@@ -172,6 +201,25 @@ def load_run_data(d: DataConfig, tokenizer: Any, objective: str, seed: int) -> R
                 "pairs (train/eval overlap)"
             )
     return out
+
+
+def load_pairs(
+    cfg: DataConfig,
+    split: str,
+    tokenizer: Any,
+    objective: str = "reward",
+    drop_identical: bool = True,
+    ranks: Ranks | None = None,
+) -> tuple[PairTable, DataStats]:
+    """The pairs of one split (through the data cache) and their counts: what `rmtrain eval`
+    reads, and the cached path's answer to :func:`rmtrain.data.pairs.build_pairs`."""
+    if objective == "cost" and cfg.preference != "safer":
+        raise DataError("objective=cost trains on safety pairs: set data.preference=safer")
+    data = prepare([plan_read(cfg, split)], tokenizer, cfg, objective, ranks)
+    index, stats = data.split(0, drop_identical=drop_identical)
+    table = data.table().select(index)
+    stats.duplicates = table.duplicates()
+    return table, stats
 
 
 def _check_not_empty(d: DataConfig, data: RunData) -> None:

@@ -103,17 +103,12 @@ def encode(
     return ids, cut
 
 
-def tokenize_pairs(
-    raw: RawPairs, cfg: DataConfig, tokenizer: Any, drop_identical: bool = True
-) -> tuple[PairTable, DataStats, int]:
-    """Render (`data.template`), tokenize and cut (`data.max_length`) both sides of every pair:
-    the pair table, its stats (pairs, truncated, identical_dropped, duplicates) and how many
-    sequences were cut. Pairs whose two sides are identical are dropped unless evaluation keeps
-    them (`drop_identical=False`: a benchmark counts them as ties)."""
-    try:
-        template = trained_template(tokenizer, cfg.template)
-    except TextError as exc:
-        raise DataError(str(exc)) from exc
+def encode_pairs(
+    raw: RawPairs, tokenizer: Any, template: str, max_length: int | None
+) -> tuple[list[list[int]], list[list[int]], list[bool], list[bool]]:
+    """THE ids of both sides of every pair: rendered with the trained chat template `template`
+    (:func:`rmtrain.text.trained_template`), tokenized and cut (:func:`encode`); and which
+    sides were cut. A conversation the template cannot render is a DataError naming its row."""
     ids: dict[str, list[list[int]]] = {}
     cut: dict[str, list[bool]] = {}
     for side in ("chosen", "rejected"):
@@ -123,18 +118,44 @@ def tokenize_pairs(
                 texts.append(render(tokenizer, conversation, template))
             except TextError as exc:
                 raise DataError(where(raw.source[i], raw.row[i], side, str(exc))) from exc
-        ids[side], cut[side] = encode(tokenizer, texts, cfg.max_length)
+        ids[side], cut[side] = encode(tokenizer, texts, max_length)
+    return ids["chosen"], ids["rejected"], cut["chosen"], cut["rejected"]
 
-    same = [ids["chosen"][i] == ids["rejected"][i] for i in range(len(raw))]
+
+def run_template(tokenizer: Any, cfg: DataConfig) -> str:
+    """The trained chat template of `data.template` (a DataError when the tokenizer has none)."""
+    try:
+        return trained_template(tokenizer, cfg.template)
+    except TextError as exc:
+        raise DataError(str(exc)) from exc
+
+
+def tokenize_pairs(
+    raw: RawPairs, cfg: DataConfig, tokenizer: Any, drop_identical: bool = True
+) -> tuple[PairTable, DataStats, int]:
+    """Render (`data.template`), tokenize and cut (`data.max_length`) both sides of every pair:
+    the pair table, its stats (pairs, truncated, identical_dropped, duplicates) and how many
+    sequences were cut. Pairs whose two sides are identical are dropped unless evaluation keeps
+    them (`drop_identical=False`: a benchmark counts them as ties)."""
+    chosen, rejected, cut_c, cut_r = encode_pairs(
+        raw, tokenizer, run_template(tokenizer, cfg), cfg.max_length
+    )
+    same = [chosen[i] == rejected[i] for i in range(len(raw))]
     keep = [i for i in range(len(raw)) if not (drop_identical and same[i])]
     stats = DataStats(pairs=len(keep), identical_dropped=len(raw) - len(keep))
-    stats.truncated = sum(cut["chosen"][i] or cut["rejected"][i] for i in keep)
-    metas = raw.meta or [{}] * len(raw)
+    stats.truncated = sum(cut_c[i] or cut_r[i] for i in keep)
     table = PairTable.from_lists(
-        [ids["chosen"][i] for i in keep],
-        [ids["rejected"][i] for i in keep],
+        [chosen[i] for i in keep],
+        [rejected[i] for i in keep],
         {k: [getattr(raw, k)[i] for i in keep] for k in LABELS},
-        [json.dumps({"source": raw.source[i], "row": raw.row[i], **metas[i]}) for i in keep],
+        [pair_meta(raw, i) for i in keep],
     )
     stats.duplicates = table.duplicates()
-    return table, stats, sum(cut["chosen"][i] + cut["rejected"][i] for i in keep)
+    return table, stats, sum(cut_c[i] + cut_r[i] for i in keep)
+
+
+def pair_meta(raw: RawPairs, i: int) -> str:
+    """Pair i's meta: its source and row, and the labels evaluation groups it by (JSON)."""
+    return json.dumps(
+        {"source": raw.source[i], "row": raw.row[i], **(raw.meta[i] if raw.meta else {})}
+    )

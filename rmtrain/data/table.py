@@ -17,12 +17,12 @@ import hashlib
 import json
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, overload
 
 import numpy as np
 
 LABELS = ("chosen_unsafe", "rejected_unsafe", "chosen_severity", "rejected_severity", "margin")
-_DTYPES = {
+LABEL_DTYPES = {
     "chosen_unsafe": np.bool_,
     "rejected_unsafe": np.bool_,
     "chosen_severity": np.int8,
@@ -39,6 +39,29 @@ def pair_hash(chosen: Sequence[int] | np.ndarray, rejected: Sequence[int] | np.n
     h.update(b"|")
     h.update(np.asarray(rejected, dtype=np.int32).tobytes())
     return int.from_bytes(h.digest(), "little")
+
+
+class TextColumn(Sequence[str]):
+    """Strings stored back to back: UTF-8 bytes and int64 offsets (string i is
+    ``data[offsets[i]:offsets[i + 1]]``), e.g. a memory-mapped table's meta."""
+
+    def __init__(self, data: np.ndarray, offsets: np.ndarray) -> None:
+        self.data, self.offsets = data, offsets
+
+    def __len__(self) -> int:
+        return max(len(self.offsets) - 1, 0)
+
+    @overload
+    def __getitem__(self, i: int) -> str: ...
+    @overload
+    def __getitem__(self, i: slice) -> list[str]: ...
+    def __getitem__(self, i: int | slice) -> str | list[str]:
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        if not -len(self) <= i < len(self):
+            raise IndexError(i)
+        i %= len(self)
+        return bytes(self.data[self.offsets[i] : self.offsets[i + 1]]).decode("utf-8")
 
 
 @dataclass
@@ -74,7 +97,7 @@ class PairTable:
             [pair_hash(c, r) for c, r in zip(chosen, rejected, strict=True)], dtype=np.uint64
         )
         cols: dict[str, np.ndarray] = {
-            k: np.asarray(labels[k], dtype=_DTYPES[k]).reshape(n) for k in LABELS
+            k: np.asarray(labels[k], dtype=LABEL_DTYPES[k]).reshape(n) for k in LABELS
         }
         return cls(tokens, offsets, cols, hashes, list(meta), np.arange(n, dtype=np.int64))
 
@@ -84,11 +107,14 @@ class PairTable:
 
     @classmethod
     def concat(cls, tables: Sequence[PairTable]) -> PairTable:
-        """One table of the pairs every table shows, in order (tokens are copied once)."""
+        """One table of the pairs every table shows, in order: selections of one storage share
+        it, other tables are copied once."""
         if len(tables) == 1:
             return tables[0]
         if not tables:
             return cls.empty()
+        if all(t.tokens is tables[0].tokens for t in tables):  # selections of one storage
+            return replace(tables[0], index=np.concatenate([t.index for t in tables]))
         parts = [t.compact() for t in tables]
         bases = np.cumsum([0, *(len(t.tokens) for t in parts[:-1])])
         offsets = np.concatenate(
