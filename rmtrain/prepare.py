@@ -49,20 +49,19 @@ def prepare(overrides: Sequence[str]) -> dict[str, Any]:
     """Build or find the data cache entry of `rmtrain train <overrides>`; returns what it
     printed as numbers (for benchmarks)."""
     from rmtrain import hf
-    from rmtrain.data.assemble import load_run_data, summary
+    from rmtrain.data.assemble import cache_summary, load_run_data, summary
     from rmtrain.data.cache import Ranks
 
     started = time.monotonic()
     check_command_line(list(overrides))
     register_schemas()
     cfg = to_config(compose(overrides))
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    ranks, shutdown = Ranks(), None
-    if world > 1:
+    ranks = Ranks()
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         from rmtrain import engine
 
         env = engine.init_distributed(cfg.deepspeed.timeout_s)
-        ranks, shutdown = Ranks(env.rank, env.world_size, engine.all_gather_object), engine
+        ranks = Ranks(env.rank, env.world_size, engine.all_gather_object)
     main = ranks.rank == 0
     tokenizer, _ = hf.load_text_format(cfg)
     data = load_run_data(cfg.data, tokenizer, cfg.objective, cfg.trainer.seed, ranks,
@@ -86,18 +85,18 @@ def prepare(overrides: Sequence[str]) -> dict[str, Any]:
             print(line, flush=True)
         for warning in data.warnings:
             print(f"rmtrain: warning: {warning}", file=sys.stderr, flush=True)
-        how = "tokenized" if data.prepared.built else "found in the cache"
-        print(
-            f"data cache: {result['pairs']:,} pairs, {result['tokens']:,} tokens, "
-            f"{result['cache_bytes'] / 2**30:.2f} GiB at {store.path} ({how} in "
-            f"{result['data_seconds']:.1f} s)",
-            flush=True,
-        )
+        print(cache_summary(data.prepared), flush=True)
         peaks = ", ".join(f"rank {r}: {own:.2f} GiB" for r, (own, _) in enumerate(rss))
         print(f"peak RSS {peaks}", flush=True)
-    if shutdown is not None:
-        shutdown.shutdown()
     return result
+
+
+def shutdown() -> None:
+    """Leave the process group of a multi-rank launch (exits the process)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from rmtrain import engine
+
+        engine.shutdown()
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -111,6 +110,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         if os.environ.get("RANK", "0") == "0":
             print(f"rmtrain prepare: error: {err}", file=sys.stderr, flush=True)
         sys.exit(2)
+    shutdown()
 
 
 if __name__ == "__main__":

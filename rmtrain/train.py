@@ -30,7 +30,7 @@ from rmtrain.config import (
     register_schemas,
     to_config,
 )
-from rmtrain.data.assemble import load_run_data, summary
+from rmtrain.data.assemble import cache_summary, load_run_data, summary
 from rmtrain.data.cache import Ranks
 from rmtrain.errors import ConfigError, UserError
 from rmtrain.eval.outputs import write_eval_scores, write_run
@@ -123,6 +123,8 @@ def train(
     if env.is_main:
         for line in summary(record.data):
             print(line, flush=True)
+        if data.prepared is not None:
+            print(cache_summary(data.prepared), flush=True)
         for warning in data.warnings:
             print(f"rmtrain: warning: {warning}", file=sys.stderr, flush=True)
 

@@ -252,3 +252,14 @@ def summary(counts: dict[str, dict[str, int]]) -> list[str]:
         pairs = f"{c['pairs']} pairs from {c['rows']} rows{mixed}"
         lines.append(f"data {name}: {pairs} ({', '.join(extra)})")
     return lines
+
+
+def cache_summary(data: Prepared) -> str:
+    """The console line about the data cache: its entry, its size, and whether this launch
+    tokenized it or found it (and how long that took)."""
+    store = data.store
+    how = "tokenized" if data.built else "found in the cache"
+    return (
+        f"data cache: {len(store['hashes']):,} pairs, {len(store['tokens']):,} tokens, "
+        f"{store.nbytes() / 2**30:.2f} GiB at {store.path} ({how} in {data.seconds:.1f} s)"
+    )

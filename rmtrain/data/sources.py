@@ -33,7 +33,7 @@ from rmtrain.toy import sample_data
 SOURCE_COL, ROW_COL = "_source", "_row"
 _SPLIT_EXTS = (".jsonl", ".jsonl.xz", ".parquet")
 FILE_EXTS = (".jsonl", ".jsonl.xz", ".json", ".parquet")
-BATCH_ROWS = 256  # rows per batch: what one process holds as Python objects at a time
+BATCH_ROWS = 1024  # rows per batch: what one process holds as Python objects at a time
 
 
 @dataclass
@@ -244,22 +244,35 @@ def read_batches(
     field; rows are checked in order, so the first bad one is the one reported.
     """
     p = read.pieces[piece]
-    keys, fields, schema = read.keys(p), read.schema.fields(p.columns, read.cfg), read.schema
     if p.ds is not None:
-        stop = p.size if end is None else min(end, p.size)
-        for a in range(start, stop, size):
-            b = min(a + size, stop)
-            cols: dict[str, list[Any]] = p.ds[a:b]
-            found = schema.first_problem(cols, fields, b - a)
-            if found is not None:
-                index, name, problem = found
-                raise DataError(where(p.label, a + index + 1, name, problem))
-            cols = {k: cols.get(k, [None] * (b - a)) for k in keys}
-            cols[SOURCE_COL] = [p.label] * (b - a)
-            cols[ROW_COL] = list(range(a + 1, b + 1))
-            yield cols, b - a
-        return
+        yield from _table_batches(read, p, start, p.size if end is None else min(end, p.size), size)
+    else:
+        yield from _file_batches(read, p, start, end, first_line, size)
+
+
+def _table_batches(
+    read: Read, p: Piece, start: int, stop: int, size: int
+) -> Iterator[tuple[dict[str, list[Any]], int]]:
+    assert p.ds is not None
+    keys, fields, schema = read.keys(p), read.schema.fields(p.columns, read.cfg), read.schema
+    for a in range(start, stop, size):
+        b = min(a + size, stop)
+        got: dict[str, list[Any]] = p.ds[a:b]
+        found = schema.first_problem(got, fields, b - a)
+        if found is not None:
+            index, name, problem = found
+            raise DataError(where(p.label, a + index + 1, name, problem))
+        cols = {k: got.get(k, [None] * (b - a)) for k in keys}
+        cols[SOURCE_COL] = [p.label] * (b - a)
+        cols[ROW_COL] = list(range(a + 1, b + 1))
+        yield cols, b - a
+
+
+def _file_batches(
+    read: Read, p: Piece, start: int, end: int | None, first_line: int, size: int
+) -> Iterator[tuple[dict[str, list[Any]], int]]:
     assert p.file is not None
+    keys, fields, schema = read.keys(p), read.schema.fields(p.columns, read.cfg), read.schema
     rows: list[dict[str, Any]] = []
     lines: list[int] = []
     done = start
@@ -281,9 +294,9 @@ def read_batches(
 def _columns(
     rows: list[dict[str, Any]], lines: list[int], keys: tuple[str, ...], label: str
 ) -> dict[str, list[Any]]:
-    cols = {k: [row.get(k) for row in rows] for k in keys}
+    cols: dict[str, list[Any]] = {k: [row.get(k) for row in rows] for k in keys}
     cols[SOURCE_COL] = [label] * len(rows)
-    cols[ROW_COL] = lines
+    cols[ROW_COL] = list(lines)
     return cols
 
 

@@ -2,9 +2,10 @@
 
 Reads each evaluation file exactly as training reads data (`rmtrain.data`: every training
 format, detected from the columns or forced with `--format`; the export's template and
-max_length), scores every distinct sequence once with the export (`rmtrain.scoring.Scorer`) and
-computes every metric from per-pair records with `rmtrain.eval.metrics.summarize`, the same code
-that evaluates during training. Writes
+max_length; through the data cache, so a file evaluated again is not tokenized again), scores
+every distinct sequence once with the export (`rmtrain.scoring.Scorer`) and computes every metric
+from per-pair records with `rmtrain.eval.metrics.summarize`, the same code that evaluates during
+training. Writes
 
 - `<out>/eval/<set>.json`: every metric;
 - `<out>/eval/<set>.pairs.jsonl`: the per-pair scores, lengths and labels (for hand counts);
@@ -31,9 +32,9 @@ import numpy as np
 import torch
 
 from rmtrain.config import SourceConfig
-from rmtrain.data.formats import resolve
-from rmtrain.data.pairs import build_pairs
-from rmtrain.data.sources import load_rows
+from rmtrain.data.assemble import load_pairs
+from rmtrain.data.cache import Ranks
+from rmtrain.data.sources import plan_read
 from rmtrain.errors import DataError, UserError
 from rmtrain.eval import metrics
 from rmtrain.eval.outputs import write_set
@@ -63,13 +64,13 @@ def evaluate_file(
     kind: metrics.Kind = "cost" if scorer.objective == "cost" else "reward"
     preference = scorer.default_preference(preference)
     cfg = scorer.data_config(str(data), fmt)
-    rows = load_rows(cfg, cfg.train_split)  # a single file is read whole, every row checked
-    schema = resolve(fmt, str(data), rows.column_names, rows[0])
-    if schema.name == "pku_saferlhf" and preference == "safer":
-        if "safer_response_id" not in rows.column_names:
+    read = plan_read(cfg, cfg.train_split)  # a single file is read whole, every row checked
+    if read.format == "pku_saferlhf" and preference == "safer":
+        if "safer_response_id" not in read.pieces[0].columns:
             raise DataError(f"{data}: field 'safer_response_id': missing (--preference safer)")
         cfg = dataclasses.replace(cfg, preference="safer")
-    table, _ = build_pairs(rows, cfg, scorer.tokenizer, drop_identical=False)
+    table, _ = load_pairs(cfg, cfg.train_split, scorer.tokenizer, drop_identical=False,
+                          ranks=_ranks())  # fmt: skip
     # Every distinct sequence once (RM-Bench's 3 x 3 pairs hold 6 texts).
     unique: dict[bytes, int] = {}
     slots = np.empty((len(table), 2), dtype=np.int64)
@@ -93,13 +94,23 @@ def evaluate_file(
     if records and all("style" in rec for rec in records):
         records = metrics.regroup_styles(records)
     summary = metrics.summarize(records, kind=kind)
-    summary.update(data=str(data), format=schema.name, preference=cfg.preference, objective=kind)
+    summary.update(data=str(data), format=read.format, preference=cfg.preference, objective=kind)
     return summary, records
 
 
 def _world() -> tuple[int, int]:
     """(rank, world size) under a launcher (torchrun, deepspeed), else (0, 1)."""
     return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def _ranks() -> Ranks:
+    """Under a launcher, the processes share tokenizing a file the data cache lacks."""
+    rank, world = _world()
+    if world == 1:
+        return Ranks()
+    from rmtrain.engine import all_gather_object
+
+    return Ranks(rank, world, all_gather_object)
 
 
 def _score(scorer: Scorer, seqs: list[np.ndarray], progress: bool) -> list[float]:
