@@ -65,7 +65,7 @@ def prepare(overrides: Sequence[str]) -> dict[str, Any]:
     main = ranks.rank == 0
     tokenizer, _ = hf.load_text_format(cfg)
     data = load_run_data(cfg.data, tokenizer, cfg.objective, cfg.trainer.seed, ranks,
-                         progress=main)  # fmt: skip
+                         progress=main and sys.stderr.isatty())  # fmt: skip
     assert data.prepared is not None
     store = data.prepared.store
     rss = ranks.all_gather(peak_rss_gib())

@@ -442,10 +442,15 @@ def _run_parts(parts: list[Part], job: _Job, num_proc: int, bar: Any) -> list[Pa
     if num_proc <= 1 or len(parts) <= 1:
         progress = None if bar is None else _BarProgress(bar)
         _init_worker_here(job, progress)
+        results = []
         try:
-            return [_run_part(p) for p in parts]
+            for part in parts:  # in input order: the first error here is this rank's first
+                results.append(_run_part(part))
+                if results[-1].error:
+                    break
         finally:
             _init_worker_here(None, None)
+        return results
     ctx = mp.get_context("spawn")  # no fork of a process that runs threads (gloo, torch)
     shared = _Shared(ctx)
     with ctx.Pool(min(num_proc, len(parts)), _init_worker, (job, shared)) as pool:
@@ -487,25 +492,29 @@ def _bar(total: int, ranks: Ranks, peers: int) -> Any:
 
 # -- the entry ----------------------------------------------------------------------------------
 @contextlib.contextmanager
-def _held(lock: Path) -> Iterator[IO[str]]:
-    """An exclusive lock on `lock` while a build uses its directory (released by the kernel
-    when the process dies, which marks the directory stale)."""
-    with open(lock, "w") as f:
+def _build_directory(build: Path) -> Iterator[IO[str]]:
+    """Make `build` with an exclusive lock on its `.lock` held while the build uses it
+    (released by the kernel when the process dies, which marks the directory stale). The
+    directory gets its name only once locked, so no other build ever takes it for stale."""
+    new = build.with_name(f".new-{uuid.uuid4().hex}")
+    new.mkdir()
+    with open(new / ".lock", "w") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
+        new.rename(build)
         yield f
 
 
 def _remove_stale_builds(root: Path) -> None:
     """Build directories whose builder died (their lock is free)."""
-    for build in root.glob(".build-*"):
-        lock = build / ".lock"
+    for build in [*root.glob(".build-*"), *root.glob(".new-*")]:
         try:
-            with open(lock) as f:
+            with open(build / ".lock") as f:
                 fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 shutil.rmtree(build, ignore_errors=True)
-        except FileNotFoundError:  # killed before its lock existed
-            if time.time() - build.stat().st_mtime > 3600:
-                shutil.rmtree(build, ignore_errors=True)
+        except FileNotFoundError:  # a directory killed before its lock existed
+            with contextlib.suppress(OSError):
+                if time.time() - build.stat().st_mtime > 3600:
+                    shutil.rmtree(build, ignore_errors=True)
         except OSError:
             continue  # locked: a live build
 
@@ -618,10 +627,9 @@ def prepare(
             try:
                 root.mkdir(parents=True, exist_ok=True)
                 _remove_stale_builds(root)
-                build.mkdir()
+                stack.enter_context(_build_directory(build))
             except OSError as err:
                 raise ConfigError(f"data.cache_dir={root}: cannot write there ({err})") from err
-            stack.enter_context(_held(build / ".lock"))
         ranks.barrier()
         cores = max(1, cpu_count() // len(peers))
         parts = plan_parts(reads, len(peers) * (d.num_proc or cores))
