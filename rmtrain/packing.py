@@ -117,9 +117,14 @@ def pack_sequences(
             seq_row[i], seq_starts[i] = r, col
             segments.append(n)
             col += n
-        if col < width:  # the padding run is a segment of its own: it only sees itself
-            position_ids[r, col:] = torch.arange(width - col)
-            segments.append(width - col)
+        # The padding run: segments of at most the longest sequence's length, each seeing only
+        # itself, so no position exceeds the padded batch's largest (RoPE variants that pick
+        # their frequencies from the largest position, Phi-3's LongRoPE and "dynamic", then
+        # see the same batch as padded).
+        for start in range(col, width, max(lens)):
+            run = min(max(lens), width - start)
+            position_ids[r, start : start + run] = torch.arange(run)
+            segments.append(run)
     seq_lens = torch.as_tensor(lens, dtype=torch.long)
     cu = torch.zeros(len(segments) + 1, dtype=torch.int32)
     cu[1:] = torch.cumsum(torch.as_tensor(segments, dtype=torch.int32), 0)
@@ -234,7 +239,6 @@ def packed_forward(backbone: nn.Module, packed: PackedBatch) -> torch.Tensor:
         input_ids=packed["input_ids"].to(device),
         position_ids=packed["position_ids"].to(device),
         attention_mask=None,  # a 2-D mask (even all ones) disables packed-sequence detection
-        past_key_values=None,
         use_cache=False,  # a cache (config default use_cache=True) disables it too
     )
     hidden: torch.Tensor = out.last_hidden_state

@@ -215,13 +215,14 @@ class Trainer:
             if mb.weights[0] > 0:
                 lengths = batch["attention_mask"].sum(-1)
                 _add(sums, "tokens", lengths.sum())
-                _add(sums, "tokens_sq", (lengths.double() ** 2).sum())
+                config = self.engine.module.config
+                _add(sums, "attended", telemetry.attended_tokens(config, lengths))
                 _add(sums, "fed_tokens", batch["fed_tokens"])
                 for k, v in self._metric_sums(batch, scores).items():
                     _add(sums, k, v)
         # The same keys on every rank (a rank may have had only a zero-weight padding batch).
         term_keys = sorted(k for k in sums if k.startswith("loss_"))
-        keys = ["loss", *term_keys, "tokens", "tokens_sq", "fed_tokens"]
+        keys = ["loss", *term_keys, "tokens", "attended", "fed_tokens"]
         reduced = _reduce(sums, [*keys, *_PAIR_KEYS[self.cfg.objective]])
         elapsed = time.perf_counter() - start
         n = float(reduced["n"])
@@ -250,7 +251,7 @@ class Trainer:
         """Real tokens/s, padded fraction, step time, FLOPs per real token, MFU, peak memory."""
         tokens, fed = float(reduced["tokens"]), float(reduced["fed_tokens"])
         per_token = telemetry.flops_per_token(
-            self.engine.module.config, float(reduced["tokens_sq"]) / tokens
+            self.engine.module, float(reduced["attended"]) / tokens
         )
         out = {
             "train/tokens_per_s": tokens / elapsed,
