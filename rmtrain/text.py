@@ -75,7 +75,8 @@ def trained_template(tokenizer: Any, template: str) -> str:
     base = getattr(tokenizer, "chat_template", None)
     if not isinstance(base, str) or not base:
         raise TextError(
-            f"data.template=chat: tokenizer {tokenizer.name_or_path!r} has no chat_template"
+            f"data.template=chat: tokenizer {tokenizer.name_or_path!r} has no chat_template "
+            f"(a base model); use data.template=safe_rlhf, which works with any tokenizer"
         )
     if _EOS_SUFFIX in base:
         return base

@@ -148,3 +148,14 @@ def smollm2() -> Path:
         return smollm2_dir()
     except RealModelUnavailable as exc:
         pytest.skip(str(exc))
+
+
+@pytest.fixture(scope="session")
+def gemma3() -> Path:
+    """The real Gemma-3-270M (base model) as a local Gemma 3 directory (built once, cached)."""
+    from realmodel import RealModelUnavailable, gemma3_dir
+
+    try:
+        return gemma3_dir()
+    except RealModelUnavailable as exc:
+        pytest.skip(str(exc))
