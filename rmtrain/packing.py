@@ -1,4 +1,4 @@
-"""Padding-free ("packed") batches for a LLaMA score model, and token-budget grouping of pairs.
+"""Padding-free ("packed") batches for a decoder score model, and token-budget grouping of pairs.
 
 Packing: the sequences of a micro-batch are concatenated into one row `[1, T]` (or a few rows
 `[R, T]`, first-fit decreasing into rows of `max_row_tokens`), with `position_ids` restarting at 0
@@ -10,6 +10,11 @@ mask with `masking_utils.create_causal_mask`, which calls `find_packed_sequence_
 (a new sequence starts wherever consecutive positions do not increase by exactly 1) and ANDs the
 causal mask with "same sequence" -- a block-diagonal causal mask, materialised as a bool
 `[R, 1, T, T]` tensor for sdpa and an additive float one for eager. No hand-written mask is needed.
+Sliding-window layers (Mistral, Qwen, Gemma 2/3, Phi-3: `create_sliding_window_causal_mask`) go
+through the same detection, and `remap_positions_for_packed_sequence` applies the window to each
+sequence's own positions. A row's padding tail is numbered in runs no longer than the longest
+sequence, so no position exceeds the padded batch's largest: RoPE variants that choose their
+frequencies from it (Phi-3's LongRoPE, "dynamic") see the same batch packed and padded.
 Two conditions, both required (violating either silently gives a plain causal mask that attends
 across sequences; the test suite checks both):
 

@@ -18,6 +18,11 @@ template is decided once, when the tokenizer is loaded for training (:func:`trai
   string; read at `<|eot_id|>`.
 - Llama-2 / sentencepiece (BOS added, no chat template, so `safe_rlhf`):
   `BEGINNING OF CONVERSATION: USER: {p} ASSISTANT:{r}</s>`; read at `</s>`.
+- Gemma (BOS in the template and added; turns end `<end_of_turn>\n`, EOS `<eos>`): the render
+  without its leading `<bos>`, then `<eos>`; read at `<eos>`.
+- Qwen3 (ChatML without a BOS token): the render untouched, the scored turn with the template's
+  `<think>\n\n</think>\n\n` block; read at the final `\n`.
+- Mistral (`[INST]`, BOS in the template and added): `[INST] {p}[/INST] {r}</s>`; read at `</s>`.
 - rmtrain's tiny tokenizer (Llama-3-like, turns end with `<|end|>`): the render without its
   leading BOS, then EOS; read at `</s>`.
 

@@ -29,7 +29,7 @@ from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTok
 
 from rmtrain import arch, hf
 from rmtrain.config import TOY_MODEL_TYPES, ConfigError, ModelConfig, ToyConfig
-from rmtrain.model import AutoModelForScore
+from rmtrain.model import AutoModelForScore, score_model_class
 from rmtrain.packing import pack_sequences, padded_scores
 from rmtrain.score import Scorer
 
@@ -113,6 +113,39 @@ def test_gemma2_soft_capping_in_packed_rows() -> None:
     assert not torch.allclose(before, capped, atol=1e-3)
     with pytest.raises(ConfigError, match="gemma2 does not support it"):
         _model("gemma2", "sdpa")
+
+
+@torch.no_grad()
+def test_longrope_sees_the_same_positions_packed() -> None:
+    """Phi-3's LongRoPE (and "dynamic" RoPE) pick their frequencies from the batch's largest
+    position. A packed row's padding run is cut into segments no longer than the longest
+    sequence, so packed rows never show a larger position than the padded batch: the same
+    scores. Numbered 0..59 as one run, the tail of a 90-wide row switches LongRoPE to its long
+    factors and every score moves."""
+    head_dim = 16
+    config = AutoConfig.for_model(
+        "phi3", vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+        original_max_position_embeddings=32, pad_token_id=0, num_labels=1,
+        rope_scaling={"rope_type": "longrope", "short_factor": [1.0] * (head_dim // 2),
+                      "long_factor": [4.0] * (head_dim // 2)},
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = score_model_class("phi3")(config).eval()
+    seqs = [torch.randint(4, 200, (n,)).tolist() for n in (30, 29, 28, 27)]
+    packed = pack_sequences(seqs, max_row_tokens=100)
+    assert packed["input_ids"].shape == (2, 87) and int(packed["position_ids"].max()) == 29
+    padded = padded_scores(model, seqs).end_scores
+
+    def score(position_ids: torch.Tensor) -> torch.Tensor:
+        return model(input_ids=packed["input_ids"], position_ids=position_ids,
+                     seq_row=packed["seq_row"], seq_end=packed["end_index"]).end_scores  # fmt: skip
+
+    torch.testing.assert_close(score(packed["position_ids"]), padded, rtol=1e-5, atol=1e-6)
+    one_run = packed["position_ids"].clone()
+    tail = int(packed["real_mask"][1].sum())
+    one_run[1, tail:] = torch.arange(87 - tail)  # 0..59 > original_max_position_embeddings
+    assert not torch.allclose(score(one_run), padded, atol=1e-4)
 
 
 # -- training through the CLI ---------------------------------------------------------------
