@@ -22,7 +22,7 @@ from rmtrain.data.pairs import build_pairs
 from rmtrain.data.sources import load_rows
 from rmtrain.model import AutoModelForScore
 from rmtrain.score import Scorer
-from rmtrain.text import use_template
+from rmtrain.text import format_text, use_template
 from rmtrain.toy.sample_data import generate_rows
 
 
@@ -132,6 +132,25 @@ def test_gemma3_is_a_base_gemma3_text_model(gemma3: Path) -> None:
     # rmtrain keeps the real pad (no <pad> added, vocabulary unchanged)
     ours = hf.load_tokenizer(ModelConfig(name_or_path=str(gemma3)))
     assert ours.pad_token_id == GEMMA3_PAD_ID and len(ours) == GEMMA3_VOCAB_SIZE
+
+
+def test_gemma_convention_on_the_real_gemma3_tokenizer(gemma3: Path) -> None:
+    """The toy Gemma convention (tests/conventions.py) against the real tokenizer given the
+    published gemma-3-it template: the same text rule and ids == apply_chat_template."""
+    from conventions import GEMMA3_TEMPLATE
+    from test_text_conventions import GEMMA_TEXT
+
+    tok = hf.load_tokenizer(ModelConfig(name_or_path=str(gemma3)))
+    tok.chat_template = GEMMA3_TEMPLATE
+    use_template(tok, "chat")
+    chat = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]
+    text = format_text(tok, "chat", "Hi", "Hello!")
+    assert text == GEMMA_TEXT
+    ids = tok(text)["input_ids"]
+    assert ids == tok.apply_chat_template(chat, tokenize=True, return_dict=True)["input_ids"]
+    assert ids[0] == 2 and ids.count(2) == 1 and ids[-1] == 1  # <bos> once, read at <eos>
+    assert ids.count(105) == ids.count(106) == 2  # <start_of_turn>, <end_of_turn>
+    print(f"gemma (real tokenizer): {text!r} -> {ids}")
 
 
 def test_gemma3_chat_template_request_is_one_clear_error(gemma3: Path, tmp_path: Path, capsys,
