@@ -68,6 +68,38 @@ def run_train(
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=REPO)
 
 
+def run_train_many(
+    runs: list[list[str]], nproc: int = 2, timeout: int = 900
+) -> subprocess.CompletedProcess[str]:
+    """Several `rmtrain train` runs (override lists) in one `nproc`-rank torchrun launch, one
+    after the other (`tests/launch_runs.py`): for tests that compare configurations, not
+    launchers. Each run's overrides must give its own output_dir."""
+    import tempfile
+
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+        json.dump(runs, f)
+    env = cli_env()
+    env["OMP_NUM_THREADS"] = "1"
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO / "tests"), env.get("PYTHONPATH", "")])
+    harness = str(REPO / "tests" / "launch_runs.py")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+           "--master_port", str(_free_port()), harness, f.name]  # fmt: skip
+    try:
+        return subprocess.run(
+            cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=REPO
+        )
+    finally:
+        os.unlink(f.name)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
 @contextlib.contextmanager
 def _argv(argv: list[str]) -> Iterator[None]:
     saved = sys.argv

@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 import reference_loop as ref
 import torch
-from conftest import check_ok, export_weights, read_metrics, run_train
+from conftest import check_ok, export_weights, read_metrics, run_train, run_train_many
 
 SEED, LR, STEPS, GLOBAL, CLIP = 42, 1e-3, 5, 8, 2.0
 TRAIN_ROWS, EVAL_ROWS, MAX_LEN, EVAL_BATCH = 27, 17, 96, 4
@@ -217,23 +217,34 @@ def assert_close_steps(
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory) -> Any:
-    """`runs(name)`: the finished run of VARIANTS[name], trained once per module."""
+    """`runs(name)`: the finished run of VARIANTS[name], trained once per module: a one-rank
+    variant in this process, every two-rank variant in ONE 2-rank launch (tests/launch_runs.py)
+    the first time any of them is asked for."""
     root = tmp_path_factory.mktemp("equivalence")
     cache: dict[str, Run] = {}
+
+    def finish(name: str, seconds: float) -> Run:
+        run_dir = root / name
+        metrics = read_metrics(run_dir)
+        data = metrics[0]
+        assert data["step"] == 0 and data["data/train/pairs"] == TRAIN_ROWS, data
+        print(f"{name}: trained in {seconds:.1f}s")
+        return Run(name, run_dir, metrics, load_export(run_dir), seconds)
 
     def get(name: str) -> Run:
         if name not in cache:
             overrides, nproc = VARIANTS[name]
-            run_dir = root / name
             start = time.perf_counter()
-            check_ok(run_train([*COMMON, *overrides, f"output_dir={run_dir}"], nproc=nproc))
-            metrics = read_metrics(run_dir)
-            cache[name] = Run(
-                name, run_dir, metrics, load_export(run_dir), time.perf_counter() - start
-            )
-            print(f"{name}: trained in {cache[name].seconds:.1f}s")
-            data = metrics[0]
-            assert data["step"] == 0 and data["data/train/pairs"] == TRAIN_ROWS, data
+            if nproc == 1:
+                check_ok(run_train([*COMMON, *overrides, f"output_dir={root / name}"]))
+                cache[name] = finish(name, time.perf_counter() - start)
+            else:
+                batch = [n for n, (_, procs) in VARIANTS.items() if procs == nproc]
+                check_ok(run_train_many(
+                    [[*COMMON, *VARIANTS[n][0], f"output_dir={root / n}"] for n in batch], nproc
+                ))  # fmt: skip
+                seconds = (time.perf_counter() - start) / len(batch)
+                cache.update({n: finish(n, seconds) for n in batch})
         return cache[name]
 
     return get
