@@ -327,7 +327,7 @@ def torch_loop(
                 seqs, max_row_tokens=args.row_tokens or None, pad_token_id=args.pad_id
             )
             out = packed_scores(model, pb)
-            fed.append(pb["input_ids"].numel())
+            fed.append(pb.fed_tokens)
         else:
             out = padded_scores(model, seqs, pad_token_id=args.pad_id)
             fed.append(len(seqs) * max(len(s) for s in seqs))
@@ -378,13 +378,16 @@ def run_rmtrain(
     """rmtrain's real trainer (`rmtrain.trainer.Trainer.fit` on a DeepSpeed engine, ZeRO
     `--zero`, world of one, fused torch AdamW) on `load_model(workdir)`'s weights and `batches`:
     constant lr `args.lr`, clip 1.0, fp32, sdpa; `packing` = trainer.packing."""
-    import datasets
     import torch
 
     from rmtrain import engine
+    from rmtrain.batch import Layout
+    from rmtrain.checkpoint import RunInfo
     from rmtrain.config import to_config
-    from rmtrain.data.collate import collate_pairs
+    from rmtrain.data.table import LABELS, PairTable
+    from rmtrain.evaluator import MAIN_EVAL, Evaluator
     from rmtrain.loggers import MetricLogger, Sink
+    from rmtrain.losses import PairLoss
     from rmtrain.model import LlamaScoreModel
     from rmtrain.trainer import Trainer
 
@@ -415,20 +418,12 @@ def run_rmtrain(
         workdir / "model", dtype=torch.float32, attn_implementation="sdpa"
     )
     plan = FixedPlan(batches)
-    eng = engine.Engine(model, cfg, engine.build_ds_config(cfg), env, len(batches))
-    columns = {
-        "chosen_input_ids": [c for c, _ in pairs],
-        "rejected_input_ids": [r for _, r in pairs],
-        "chosen_unsafe": [False] * len(pairs),
-        "rejected_unsafe": [False] * len(pairs),
-        "margin": [0.0] * len(pairs),
-    }
-    train_pairs = datasets.Dataset.from_dict(columns)
+    eng = engine.Engine(model, cfg.trainer, cfg.deepspeed, env, len(batches))
+    labels = {k: [0] * len(pairs) for k in LABELS}
+    train_pairs = PairTable.from_lists(
+        [c for c, _ in pairs], [r for _, r in pairs], labels, ["{}"] * len(pairs)
+    )
     eval_pairs = train_pairs.select(range(min(args.pairs_per_step, len(pairs))))
-
-    def collate(rows: list[dict[str, Any]]) -> dict[str, Any]:
-        return collate_pairs(rows, args.pad_id, "right")
-
     logged: list[dict[str, Any]] = []
 
     class Capture(Sink):
@@ -436,7 +431,12 @@ def run_rmtrain(
             logged.append({"step": step, **metrics})
 
     logger = MetricLogger([Capture()])
-    trainer = Trainer(cfg, eng, plan, train_pairs, eval_pairs, collate, logger)  # type: ignore[arg-type]
+    model.config.pad_token_id = args.pad_id
+    layout = Layout.for_model(eng.module.config, packing, "right")
+    loss = PairLoss(cfg.loss, cfg.objective)
+    evaluator = Evaluator(eng, {MAIN_EVAL: eval_pairs}, layout, loss, args.pairs_per_step, logger)
+    info = RunInfo(workdir / "run", {}, {}, ())
+    trainer = Trainer(cfg.trainer, eng, plan, train_pairs, layout, loss, evaluator, logger, info)  # type: ignore[arg-type]
     trainer.fit()
     eng.close()
     steps = [m for m in logged if "train/loss" in m]

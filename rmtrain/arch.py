@@ -31,7 +31,7 @@ import functools
 from dataclasses import dataclass
 from typing import Any
 
-from rmtrain.config import ConfigError
+from rmtrain.errors import ConfigError
 
 AUTO = "auto"
 _LLAMA_LORA = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")

@@ -13,7 +13,7 @@ so every rank runs the same number of forward passes (ZeRO-3 gathers parameters 
 
 `TokenBudgetPlan` is the token-budget alternative (`trainer.max_tokens_per_micro_batch`): the
 micro-batches hold about the same number of real tokens instead of the same number of pairs
-(`rmtrain.packing.token_budget_batches`), a step takes world x accumulation of them, and each
+(`token_budget_batches`), a step takes world x accumulation of them, and each
 pair weighs world x accumulation / n_step as above, so the loss is again the exact mean over the
 step's pairs.
 """
@@ -27,13 +27,32 @@ from typing import Any
 
 import torch
 
-from rmtrain.packing import token_budget_batches, token_budget_steps
+from rmtrain.config import TrainerConfig
+from rmtrain.data.table import PairTable
+from rmtrain.errors import ConfigError
+from rmtrain.packing import first_fit_decreasing
 
 
 @dataclass(frozen=True)
 class MicroBatch:
     indices: list[int]  # rows of the pairs dataset
     weights: list[float]  # per-pair loss weight (0 for padding)
+
+
+_ORDER_KEYS = ("num_pairs", "global_batch", "seed", "max_tokens_per_micro_batch", "window")
+
+
+def check_same_order(saved: dict[str, Any], now: dict[str, Any], source: str) -> None:
+    """Refuse to continue a run whose data order (`data_order()` of its plan) differs from this
+    plan's: other data, batch size, seed or token budget would not continue the same run.
+    Packing on/off does not change the order."""
+    for key in _ORDER_KEYS:
+        if saved.get(key) != now.get(key):
+            raise ConfigError(
+                f"cannot resume from {source}: its data order had {key}={saved.get(key)}, "
+                f"this run has {now.get(key)} (changed data, batch size or token budget would "
+                "not continue the same run)"
+            )
 
 
 @dataclass(frozen=True)
@@ -125,7 +144,7 @@ class TokenBudgetPlan:
             steps = token_budget_steps(batches, self.world_size, self.accumulation, self.rank)
             if len(self._cache) >= 2:
                 self._cache.pop(min(self._cache))
-            self._cache[epoch] = [[MicroBatch(m.indices, m.weights) for m in st] for st in steps]
+            self._cache[epoch] = steps
         return self._cache[epoch]
 
     @property
@@ -168,6 +187,18 @@ class TokenBudgetPlan:
         return self.epoch_steps(epoch)[within]
 
 
+def build_plan(
+    t: TrainerConfig, pairs: PairTable, world_size: int, rank: int
+) -> BatchPlan | TokenBudgetPlan:
+    """Which pairs this rank sees per step: `trainer.micro_batch_size` pairs per micro-batch, or
+    token-budget micro-batches (`trainer.max_tokens_per_micro_batch`)."""
+    accum = t.gradient_accumulation_steps
+    if t.max_tokens_per_micro_batch is None:
+        return BatchPlan(len(pairs), t.micro_batch_size, accum, world_size, rank, t.seed)
+    lengths = pairs.lengths().tolist()
+    return TokenBudgetPlan(lengths, t.max_tokens_per_micro_batch, accum, world_size, rank, t.seed)
+
+
 def split_evenly(items: list[int], parts: int) -> list[list[int]]:
     """`parts` consecutive chunks whose sizes differ by at most one (trailing ones may be empty)."""
     base, extra = divmod(len(items), parts)
@@ -189,3 +220,75 @@ def eval_shards(num_pairs: int, batch_size: int, world_size: int, rank: int) -> 
         chunk = mine[b * batch_size : (b + 1) * batch_size]
         out.append(MicroBatch(chunk, [1.0] * len(chunk)) if chunk else MicroBatch([0], [0.0]))
     return out
+
+
+# -- token-budget grouping ------------------------------------------------------------------
+def token_budget_batches(
+    lengths: Sequence[int],
+    max_tokens: int,
+    seed: int,
+    epoch: int = 0,
+    window: int = 1024,
+) -> list[list[int]]:
+    """Micro-batches (lists of pair indices) of at most `max_tokens` real tokens each, covering
+    every pair exactly once; `lengths[i]` is pair i's tokens (len(chosen) + len(rejected)).
+
+    Deterministic in (lengths, max_tokens, seed, epoch, window): the pairs are permuted
+    (`torch.randperm` seeded with seed + epoch, as `rmtrain.batching`), cut into consecutive
+    windows of `window` pairs, each window is binned first-fit decreasing (so bins are full but
+    only pairs of the same window share one), and the bins of the epoch are shuffled with the same
+    generator. A pair longer than `max_tokens` is a micro-batch of its own. Indices inside a
+    micro-batch are in permutation order.
+    """
+    if max_tokens <= 0 or window <= 0:
+        raise ValueError("max_tokens and window must be positive")
+    if any(n <= 0 for n in lengths):
+        raise ValueError("every pair needs a positive token count")
+    gen = torch.Generator().manual_seed(seed + epoch)
+    perm = torch.randperm(len(lengths), generator=gen).tolist()
+    bins: list[list[int]] = []
+    for start in range(0, len(perm), window):
+        chunk = perm[start : start + window]
+        for b in first_fit_decreasing([lengths[i] for i in chunk], max_tokens):
+            bins.append([chunk[j] for j in b])
+    order = torch.randperm(len(bins), generator=gen).tolist()
+    return [bins[k] for k in order]
+
+
+def token_budget_steps(
+    batches: Sequence[Sequence[int]],
+    world_size: int,
+    accumulation: int,
+    rank: int,
+) -> list[list[MicroBatch]]:
+    """This rank's micro-batches for every optimizer step of an epoch of `batches`.
+
+    A step takes the next M = world_size x accumulation micro-batches (micro-batch k*world + rank
+    is this rank's k-th), so every rank runs exactly `accumulation` forward/backward passes per
+    step -- what ZeRO-3's collective parameter gathers and DeepSpeed's fixed
+    `gradient_accumulation_steps` need. The last step is filled with empty micro-batches, each a
+    single pair of weight 0. Every pair of a step weighs M / n_step (n_step = its pairs): DeepSpeed
+    divides by `accumulation` and averages over ranks, so the weighted sums give exactly the mean
+    over the step's pairs. The pairs per step vary (about M x max_tokens / mean pair tokens);
+    the loss stays an exact mean.
+    """
+    per_step = world_size * accumulation
+    if not 0 <= rank < world_size or accumulation <= 0:
+        raise ValueError("need 0 <= rank < world_size and accumulation > 0")
+    if not batches:
+        return []
+    filler = [batches[0][0]]
+    steps: list[list[MicroBatch]] = []
+    for start in range(0, len(batches), per_step):
+        group = list(batches[start : start + per_step])
+        n_step = sum(len(b) for b in group)
+        weight = per_step / n_step
+        mine: list[MicroBatch] = []
+        for k in range(accumulation):
+            j = k * world_size + rank
+            if j < len(group):
+                mine.append(MicroBatch(list(group[j]), [weight] * len(group[j])))
+            else:
+                mine.append(MicroBatch(filler, [0.0]))
+        steps.append(mine)
+    return steps

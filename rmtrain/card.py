@@ -265,9 +265,14 @@ def write_export(
     out: Path,
     max_shard_size: str | None = None,
 ) -> Path:
-    """The transformers export of a run's weights, with its metadata and model card: what the
-    end of training and `rmtrain export` both write."""
+    """The transformers export of a run's full weights (a LoRA run's adapters merged, in the
+    trained precision), with its metadata and model card: what the end of training and
+    `rmtrain export` both write."""
     cfg = to_config(record.config)
+    if cfg.model.lora.enabled:
+        state_dict = hf.merge_lora(state_dict, cfg.model.lora)
+    if cfg.trainer.precision == "bf16":  # a checkpoint holds fp32 master weights
+        state_dict = {k: v.to(torch.bfloat16) for k, v in state_dict.items()}
     meta = export_metadata(cfg, record, tokenizer)
     hf.export(
         state_dict,

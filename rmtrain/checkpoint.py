@@ -30,14 +30,18 @@ import random
 import shutil
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 import torch
 
-from rmtrain.config import ConfigError
-from rmtrain.engine import CheckpointError, Engine, StopRequest, all_reduce_sum, barrier, no_space
+from rmtrain.config import TrainerConfig
+from rmtrain.engine import DistEnv, Engine, all_reduce_sum, barrier, broadcast_object
+from rmtrain.errors import CheckpointError, ConfigError
+from rmtrain.files import no_space, write_atomic
+from rmtrain.preemption import StopRequest
 from rmtrain.record import RunRecord
 
 MARKER = "rmtrain_complete.json"
@@ -60,20 +64,34 @@ def complete_checkpoints(ckpt_dir: Path) -> list[Path]:
     return sorted(p.parent for p in ckpt_dir.glob(f"step_*/{MARKER}"))
 
 
-def read_marker(path: Path) -> dict[str, Any]:
-    return dict(json.loads((path / MARKER).read_text()))
+@dataclass(frozen=True)
+class Marker:
+    """A complete checkpoint's marker, read once: where it is and everything it records."""
 
+    path: Path  # the checkpoint directory
+    step: int
+    layout: dict[str, int]  # zero_stage, world_size
+    architecture: dict[str, Any]
+    states: dict[str, dict[str, Any]]  # each registered object's state_dict()
+    run: dict[str, Any]  # config, data, held_out, resumed
+    files: dict[str, list[Any]]  # relative path -> [size, blake2b]
 
-def record_of(marker: dict[str, Any]) -> RunRecord:
-    """The run record as of a checkpoint: its run info plus the trainer's state then."""
-    trainer = marker["states"]["trainer"]
-    return RunRecord(
-        config=marker["run"]["config"],
-        data=marker["run"]["data"],
-        held_out=marker["run"].get("held_out", {}),
-        score_stats=trainer["score_stats"],
-        last_eval=trainer["last_eval"],
-    )
+    @classmethod
+    def read(cls, path: Path) -> Marker:
+        m = json.loads((path / MARKER).read_text())
+        return cls(path, int(m["step"]), m["layout"], m["architecture"], m["states"], m["run"],
+                   m.get("files", {}))  # fmt: skip
+
+    def record(self) -> RunRecord:
+        """The run record as of this checkpoint: its run info plus the trainer's state then."""
+        trainer = self.states["trainer"]
+        return RunRecord(
+            config=self.run["config"],
+            data=self.run["data"],
+            held_out=self.run.get("held_out", {}),
+            score_stats=trainer["score_stats"],
+            last_eval=trainer["last_eval"],
+        )
 
 
 def find_resume_point(resume: str | None, output_dir: Path) -> Path | None:
@@ -138,10 +156,10 @@ def checksums(path: Path) -> dict[str, list[Any]]:
 def verify(path: Path) -> str | None:
     """What is wrong with a complete checkpoint's files (None: all match the marker)."""
     try:
-        marker = read_marker(path)
-    except (OSError, ValueError) as err:
+        marker = Marker.read(path)
+    except (OSError, ValueError, KeyError) as err:
         return f"{path / MARKER}: unreadable marker ({err})"
-    for rel, (size, digest) in marker.get("files", {}).items():
+    for rel, (size, digest) in marker.files.items():
         file = path / rel
         if not file.is_file():
             return f"{file} is missing"
@@ -152,19 +170,18 @@ def verify(path: Path) -> str | None:
     return None
 
 
-def check_compatible(
-    marker: dict[str, Any], architecture: dict[str, Any], layout: dict[str, int], path: Path
-) -> None:
+def check_compatible(marker: Marker, architecture: dict[str, Any], layout: dict[str, int]) -> None:
     """Refuse a checkpoint of another model shape or ZeRO layout, naming what differs."""
+    path = marker.path
     for key, now in architecture.items():
-        was = marker["architecture"].get(key)
+        was = marker.architecture.get(key)
         if was != now:
             raise ConfigError(
                 f"cannot resume from {path}: the model's {key} was {was!r} there, {now!r} now "
                 f"(the checkpoint holds a differently shaped model)"
             )
-    if marker["layout"] != layout:
-        was, now = marker["layout"], layout
+    if marker.layout != layout:
+        was, now = marker.layout, layout
         raise ConfigError(
             f"cannot resume from {path}: it was written by ZeRO stage {was['zero_stage']} "
             f"on {was['world_size']} ranks, this run is stage {now['zero_stage']} on "
@@ -172,40 +189,148 @@ def check_compatible(
         )
 
 
+# Keys that may change when a run is resumed; they take effect from the resumed step (and the
+# marker records the change). Any other difference from the checkpoint's config is refused.
+RESUME_MAY_CHANGE = (
+    "trainer.lr",
+    "trainer.max_steps",
+    "trainer.eval_every",
+    "trainer.eval_at_start",
+    "trainer.save_every",
+    "trainer.save_every_minutes",
+    "trainer.log_every",
+    "trainer.keep_last",
+    "trainer.resume",
+    "trainer.export",
+    "trainer.export_max_shard_size",
+    "deepspeed.timeout_s",
+    "output_dir",
+    "run_name",
+    "logger.",
+)
+
+
+@dataclass(frozen=True)
+class Resume:
+    """The checkpoint a run continues from, checked against the run before anything is built,
+    and the config keys this resume changes ({key: [was, now]})."""
+
+    marker: Marker
+    changes: dict[str, list[Any]]
+
+    def check_data(self, held_out: dict[str, Any]) -> None:
+        """Refuse other held-out rows than the checkpoint's (a changed training set is caught by
+        the trainer's data-order check)."""
+        was = self.marker.run.get("held_out", {})
+        if was != held_out:
+            raise ConfigError(
+                f"cannot resume from {self.marker.path}: its eval set was chosen differently "
+                f"({_brief(was)} there, {_brief(held_out)} now)"
+            )
+
+
+def plan_resume(
+    resume: str | None,
+    output_dir: Path,
+    config: dict[str, Any],
+    architecture: dict[str, Any],
+    env: DistEnv,
+    zero_stage: int,
+) -> Resume | None:
+    """The resume policy, in one place: `trainer.resume` (None, "auto" or a path) resolved and
+    verified by rank 0 (every rank gets its answer or its error), the checkpoint's model shape,
+    ZeRO layout and config checked against this run's; a new run into a directory that already
+    holds one is refused."""
+    found: tuple[str | None, str | None] = (None, None)
+    if env.is_main:
+        try:
+            point = find_resume_point(resume, output_dir)
+            found = (str(point) if point else None, None)
+        except (ConfigError, CheckpointError) as err:
+            found = (None, str(err))
+    path, error = broadcast_object(found)
+    if error:
+        raise CheckpointError(error)
+    if path is None:
+        if broadcast_object((output_dir / "metrics.jsonl").exists()):
+            raise ConfigError(
+                f"output_dir={output_dir} already holds a run; continue it with "
+                "trainer.resume=auto or choose another output_dir"
+            )
+        return None
+    marker = Marker.read(Path(path))
+    check_compatible(marker, architecture, {"zero_stage": zero_stage, "world_size": env.world_size})
+    return Resume(marker, resume_changes(marker.run["config"], config))
+
+
+def resume_changes(saved: dict[str, Any], now: dict[str, Any]) -> dict[str, list[Any]]:
+    """{key: [was, now]} for the keys allowed to change on resume; ConfigError for any other."""
+    was_flat, now_flat = _flatten(saved), _flatten(now)
+    changes: dict[str, list[Any]] = {}
+    for key in sorted(was_flat.keys() | now_flat.keys()):
+        was, new = was_flat.get(key), now_flat.get(key)
+        if was == new:
+            continue
+        if not any(key == k or (k.endswith(".") and key.startswith(k)) for k in RESUME_MAY_CHANGE):
+            raise ConfigError(
+                f"cannot resume with {key}={new!r}: the checkpoint was trained with {was!r}. "
+                f"Only {', '.join(k.rstrip('.') for k in RESUME_MAY_CHANGE)} may change on resume"
+            )
+        if key not in ("trainer.resume", "output_dir"):
+            changes[key] = [was, new]
+    return changes
+
+
+def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(node, dict) and node:
+        out: dict[str, Any] = {}
+        for key, value in node.items():
+            out.update(_flatten(value, f"{prefix}{key}."))
+        return out
+    return {prefix.rstrip("."): node}
+
+
+def _brief(held: dict[str, Any]) -> str:
+    rows = held.get("rows")
+    if rows is not None:
+        n = sum(len(v) for v in rows.values())
+        return f"eval_fraction={held['eval_fraction']} split_seed={held['split_seed']}, {n} rows"
+    return ", ".join(f"{k}={v}" for k, v in held.items()) or "unrecorded"
+
+
+@dataclass
+class RunInfo:
+    """What every checkpoint of a run records besides the loop state."""
+
+    output_dir: Path
+    run: dict[str, Any]  # the static part of the RunRecord: config, data, held_out (+ resumed)
+    architecture: dict[str, Any]  # hf.architecture: the shape a resume must match
+    hf_files: tuple[Any, ...]  # objects with save_pretrained (model config, tokenizer) -> hf/
+
+
 class Checkpointer:
-    """Saves every `every` steps (and at the last step), every `every_minutes` minutes and on a
-    stop request, and keeps the last `keep_last`."""
+    """Saves every `trainer.save_every` steps (and at the last step), every
+    `trainer.save_every_minutes` minutes and on a stop request, and keeps the last
+    `trainer.keep_last`. Objects with state are handed over (`states`); it imports none."""
 
     def __init__(
         self,
         engine: Engine,
-        output_dir: Path,
-        *,
-        every: int,
-        keep_last: int,
+        cfg: TrainerConfig,
+        info: RunInfo,
         states: dict[str, Stateful],
-        run: dict[str, Any],
-        architecture: dict[str, Any],
-        hf_files: Any,
-        every_minutes: float = 0.0,
         stop: StopRequest | None = None,
     ) -> None:
-        """`run`: the static part of the RunRecord (config, data); `hf_files`: objects with
-        `save_pretrained` (model config, tokenizer) written to each checkpoint's `hf/`."""
-        self.engine, self.every, self.keep_last = engine, every, keep_last
-        self.states, self.run, self.architecture, self.hf_files = (
-            states,
-            run,
-            architecture,
-            hf_files,
-        )
-        self.dir = output_dir / "checkpoints"
+        self.engine, self.every, self.keep_last = engine, cfg.save_every, cfg.keep_last
+        self.every_minutes, self.info, self.states, self.stop = (
+            cfg.save_every_minutes, info, states, stop
+        )  # fmt: skip
+        self.dir = info.output_dir / "checkpoints"
         self.layout = {"zero_stage": engine.stage, "world_size": engine.env.world_size}
-        self.every_minutes, self.stop = every_minutes, stop
         self.last_save_time = time.monotonic()
 
     def maybe_save(self, step: int, last: bool) -> None:
-        """Save if due. On a stop request: save, then raise engine.Stopped (every rank)."""
+        """Save if due. On a stop request: save, then raise preemption.Stopped (every rank)."""
         due = bool(self.every and (step % self.every == 0 or last))
         # One collective decides the time-based save and the stop for every rank alike.
         if self.every_minutes or self.stop is not None:
@@ -245,32 +370,41 @@ class Checkpointer:
         return path
 
     def _finish(self, step: int, path: Path) -> None:
-        for obj in self.hf_files:
+        for obj in self.info.hf_files:
             obj.save_pretrained(path / HF_DIR)
         marker = {
             "step": step,
             "layout": self.layout,
-            "architecture": self.architecture,
+            "architecture": self.info.architecture,
             "states": {name: obj.state_dict() for name, obj in self.states.items()},
-            "run": self.run,
+            "run": self.info.run,
             "files": checksums(path),
         }
-        tmp = path / (MARKER + ".tmp")
-        tmp.write_text(json.dumps(marker, indent=1))
-        tmp.rename(path / MARKER)
+        write_atomic(path / MARKER, json.dumps(marker, indent=1))
         # Only finite checkpoints are ever written, so the kept ones include the last finite one.
         for old in complete_checkpoints(self.dir)[: -self.keep_last]:
             shutil.rmtree(old, ignore_errors=True)
 
-    def load(self, path: Path) -> int:
-        """Continue from `path` (checked with `check_compatible` before anything was built);
-        returns the step it holds."""
-        marker = read_marker(path)
+    def resume(self, resume: Resume, lr: float) -> int:
+        """Continue from `resume`'s checkpoint: every state, the DeepSpeed shards, the RNG states;
+        `lr` becomes the schedule's peak (the loaded scheduler state holds the old one); the keys
+        changed on this resume are recorded. Returns the step it holds."""
+        marker = resume.marker
         for name, obj in self.states.items():
-            obj.load_state_dict(marker["states"][name], source=str(path))
-        client = self.engine.load_checkpoint(path.parent, path.name)
+            obj.load_state_dict(marker.states[name], source=str(marker.path))
+        client = self.engine.load_checkpoint(marker.path.parent, marker.path.name)
         _set_rng_state(client["rng"])
-        return int(marker["step"])
+        self.engine.set_peak_lr(lr)
+        history = list(marker.run.get("resumed", []))
+        if resume.changes:
+            history.append({"step": marker.step, "changed": resume.changes})
+            described = ", ".join(
+                f"{k}={new!r} (was {was!r})" for k, (was, new) in resume.changes.items()
+            )
+            print(f"resume: from step {marker.step} on, {described}", flush=True)
+        self.info.run["resumed"] = history
+        print(f"resumed from {marker.path} at step {marker.step}", flush=True)
+        return marker.step
 
 
 def _rng_state() -> dict[str, Any]:

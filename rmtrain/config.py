@@ -16,16 +16,16 @@ import dataclasses
 import inspect
 import itertools
 import math
+import os
 import re
 import typing
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-
-class ConfigError(ValueError):
-    """A configuration value is invalid; the message names the key."""
+from rmtrain.errors import ConfigError
 
 
 def _choice(key: str, value: Any, allowed: tuple[Any, ...]) -> None:
@@ -243,6 +243,11 @@ class DataConfig:
     """Train on a weighted mixture of sources instead of data.path, e.g.
     [{path: a.jsonl, weight: 2}, {path: b.parquet, format: standard}]; needs eval_fraction
     (carved per source, before weighting) or eval_path."""
+
+    @property
+    def per_pair_margin(self) -> bool:
+        """Whether the data gives each pair its own margin (for loss.name=margin)."""
+        return self.margin_column is not None or self.margin_from_scores
 
     def __post_init__(self) -> None:
         _choice("data.preference", self.preference, ("better", "safer"))
@@ -614,3 +619,51 @@ def field_help(cls: type = Config, prefix: str = "") -> list[tuple[str, str, str
         if len(item) == 1 and dataclasses.is_dataclass(item[0]):  # a list of sources
             rows.extend(field_help(item[0], f"{key}[]."))  # type: ignore[arg-type]
     return rows
+
+
+def check_command_line(argv: list[str]) -> None:
+    """Refuse, before Hydra runs anything: a sweep under a multi-rank launcher (each rank would
+    run the jobs on its own), and code in a config: `_target_` keys or `hydra.callbacks` in a
+    `--config-path` directory (a saved run's config.yaml is plain data) or on the command line.
+    """
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and any(
+        a in ("-m", "--multirun") or a.startswith("hydra.mode=") for a in argv
+    ):
+        raise ConfigError(
+            "a Hydra multirun (-m) cannot run under a multi-rank launcher; start one launch "
+            "per setting (e.g. a shell loop over launch/cpu.sh)"
+        )
+    for a in argv:
+        if "_target_" in a or a.lstrip("+~").startswith("hydra.callbacks"):
+            raise ConfigError(f"{a}: configs hold data, not code (_target_ / hydra.callbacks)")
+    config_path = None
+    for i, a in enumerate(argv):
+        if a in ("--config-path", "-cp") and i + 1 < len(argv):
+            config_path = argv[i + 1]
+        elif a.startswith("--config-path="):
+            config_path = a.split("=", 1)[1]
+    if config_path is not None:
+        for file in sorted(Path(config_path).rglob("*.yaml")):
+            found = _code_keys(OmegaConf.to_container(OmegaConf.load(file)), "")
+            if found:
+                raise ConfigError(
+                    f"{file}: refusing to run a config that holds code ({found}); rmtrain "
+                    "writes plain data, so this was added by hand"
+                )
+
+
+def _code_keys(node: Any, prefix: str) -> str | None:
+    if isinstance(node, dict):
+        for key, value in node.items():
+            path = f"{prefix}{key}"
+            if key == "_target_" or path == "hydra.callbacks":
+                return path
+            found = _code_keys(value, f"{path}.")
+            if found:
+                return found
+    elif isinstance(node, list):
+        for i, value in enumerate(node):
+            found = _code_keys(value, f"{prefix}{i}.")
+            if found:
+                return found
+    return None

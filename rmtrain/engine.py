@@ -12,20 +12,13 @@
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import datetime
-import errno
 import importlib
-import math
 import os
 import pickle
 import re
-import shutil
-import signal
 import socket
 import sys
-import threading
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,11 +31,9 @@ import torch.distributed as dist
 from deepspeed.accelerator import get_accelerator
 from transformers.integrations.deepspeed import HfDeepSpeedConfig
 
-from rmtrain.config import Config
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint cannot be written or read safely; the message names the file."""
+from rmtrain.config import DeepSpeedConfig, TrainerConfig
+from rmtrain.errors import CheckpointError
+from rmtrain.optim import cosine_schedule, param_groups
 
 
 # The only globals (besides tensors and plain containers) DeepSpeed's checkpoint files hold,
@@ -89,112 +80,6 @@ def weights_only_loads() -> Iterator[None]:
         yield
     finally:
         torch.load = real_load
-
-
-def no_space(err: BaseException, path: Path, last_good: Path | None) -> CheckpointError | None:
-    """The one-line error for a write that failed because the disk is full (None otherwise).
-
-    torch.save reports a full disk as a RuntimeError about file positions, safetensors as its own
-    error: besides ENOSPC, a failed write on a disk left with almost no free space counts."""
-    full = getattr(err, "errno", None) == errno.ENOSPC or "No space left" in str(err)
-    if not full:
-        where = Path(path)
-        while not where.exists() and where != where.parent:
-            where = where.parent
-        with contextlib.suppress(OSError):
-            full = shutil.disk_usage(where).free < 16 * 2**20
-    if not full:
-        return None
-    good = f"the last good checkpoint is {last_good}" if last_good else "there is no checkpoint"
-    return CheckpointError(f"no space left on device at {path}; {good}")
-
-
-PREEMPTED_EXIT = 75
-"""Exit code of every rank that saved a checkpoint and stopped on SIGTERM / SIGUSR1 (EX_TEMPFAIL:
-try again; launch/slurm.sbatch requeues the job on it)."""
-
-
-class Stopped(Exception):
-    """A stop was requested (a signal, or the launcher exited); a checkpoint was saved."""
-
-    def __init__(self, reason: str, step: int, path: Path) -> None:
-        super().__init__(
-            f"stopped at step {step} ({reason}); checkpoint {path}; continue with "
-            "trainer.resume=auto"
-        )
-        self.step, self.path = step, path
-
-
-class StopRequest:
-    """SIGTERM / SIGUSR1 (what SLURM sends before preemption), or this rank's launcher exiting,
-    become a request the checkpointer acts on at the next step boundary: every rank saves, then
-    raises Stopped. A rank whose launcher is gone also ends itself after `grace_s` regardless,
-    so ranks never outlive their launcher."""
-
-    def __init__(self, grace_s: float = 120.0) -> None:
-        self.reason: str | None = None
-        self.grace_s = grace_s
-        self._previous: dict[int, Any] = {}
-
-    def install(self) -> StopRequest:
-        self._previous = {}
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGTERM, signal.SIGUSR1):
-                self._previous[sig] = signal.signal(sig, self._on_signal)
-        launcher = _launcher_pid()
-        if launcher is not None:
-            _die_with_parent()
-            threading.Thread(target=self._watch, args=(launcher,), daemon=True).start()
-        return self
-
-    def uninstall(self) -> None:
-        """Give the signals back (a run inside a longer-lived process: a multirun, tests)."""
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-        self._previous = {}
-
-    def _on_signal(self, signum: int, frame: Any) -> None:
-        self.reason = signal.Signals(signum).name
-
-    def _watch(self, pid: int) -> None:
-        while _alive(pid):
-            time.sleep(1.0)
-        self.reason = self.reason or f"the launcher (pid {pid}) exited"
-        time.sleep(self.grace_s)
-        print(f"rmtrain: error: {self.reason}; ending this rank", file=sys.stderr, flush=True)
-        os._exit(1)
-
-    def stopped(self, step: int, path: Path) -> None:
-        raise Stopped(self.reason or "stop requested on another rank", step, path)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
-
-
-def _launcher_pid() -> int | None:
-    """The outermost launcher process above this rank (deepspeed runner, torchrun), if any."""
-    found, pid = None, os.getppid()
-    for _ in range(4):
-        try:
-            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
-            stat = Path(f"/proc/{pid}/stat").read_text()
-        except OSError:
-            break
-        if not any(k in cmd for k in ("deepspeed", "torchrun", "torch.distributed.run")):
-            break
-        found, pid = pid, int(stat.rsplit(")", 1)[1].split()[1])
-    return found
-
-
-def _die_with_parent() -> None:
-    """Ask the kernel for SIGTERM when the parent process dies (Linux PR_SET_PDEATHSIG)."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)
 
 
 @dataclass(frozen=True)
@@ -270,8 +155,7 @@ def shutdown(exit_code: int = 0) -> None:
     os._exit(exit_code)
 
 
-def build_ds_config(cfg: Config) -> dict[str, Any]:
-    t, z = cfg.trainer, cfg.deepspeed
+def build_ds_config(t: TrainerConfig, z: DeepSpeedConfig) -> dict[str, Any]:
     zero: dict[str, Any] = {"stage": z.stage}
     if z.stage >= 1:
         zero.update(overlap_comm=z.overlap_comm, reduce_bucket_size=z.reduce_bucket_size)
@@ -295,7 +179,7 @@ def build_ds_config(cfg: Config) -> dict[str, Any]:
         # A client torch.optim.AdamW is allowed with offload (no JIT-built CPUAdam needed on CPU).
         "zero_force_ds_cpu_optimizer": False,
     }
-    if use_deepspeed_optimizer(cfg):
+    if use_deepspeed_optimizer(z):
         ds["optimizer"] = {
             "type": "AdamW",
             "params": {
@@ -309,8 +193,8 @@ def build_ds_config(cfg: Config) -> dict[str, Any]:
     return ds
 
 
-def use_deepspeed_optimizer(cfg: Config) -> bool:
-    choice = cfg.deepspeed.optimizer
+def use_deepspeed_optimizer(z: DeepSpeedConfig) -> bool:
+    choice = z.optimizer
     return choice == "deepspeed" or (choice == "auto" and not on_cpu())
 
 
@@ -335,64 +219,26 @@ def model_init_context(ds_config: dict[str, Any]) -> Iterator[None]:
         del hf_ds  # transformers keeps only a weak reference
 
 
-def cosine_schedule(
-    optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int, min_lr_ratio: float
-) -> torch.optim.lr_scheduler.LambdaLR:
-    """Linear warmup from 0, then a half cosine down to `min_lr_ratio` x the peak: the lr factor
-    of transformers' `get_cosine_with_min_lr_schedule_with_warmup` (num_cycles=0.5), step for
-    step (a test compares the two). Not imported from there: `transformers.optimization`
-    imports `trainer_utils`, which imports peft, about 3 s of every launch that uses no LoRA."""
-
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return step / max(1, warmup_steps)
-        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-        cosine = 0.5 * (1.0 + math.cos(math.pi * progress))
-        return max(0.0, cosine * (1 - min_lr_ratio) + min_lr_ratio)
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-
-
-def param_groups(
-    model: torch.nn.Module, weight_decay: float, decay_embeddings: bool
-) -> list[dict[str, Any]]:
-    """AdamW groups as transformers' Trainer and TRL make them: weight decay on matrices only;
-    biases and norm weights (1-D) never decay, embeddings only when asked for. Shapes come from
-    `ds_shape` when ZeRO-3 has already partitioned a parameter."""
-    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
-    decay: list[torch.nn.Parameter] = []
-    no_decay: list[torch.nn.Parameter] = []
-    for p in model.parameters():
-        if not p.requires_grad:
-            continue
-        matrix = len(getattr(p, "ds_shape", p.shape)) >= 2
-        if matrix and (decay_embeddings or id(p) not in embeddings):
-            decay.append(p)
-        else:
-            no_decay.append(p)
-    return [
-        {"params": decay, "weight_decay": weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
-
-
 class Engine:
     """A DeepSpeed engine plus the collectives the trainer needs."""
 
     def __init__(
         self,
         model: torch.nn.Module,
-        cfg: Config,
-        ds_config: dict[str, Any],
+        t: TrainerConfig,
+        z: DeepSpeedConfig,
         env: DistEnv,
         total_steps: int,
     ) -> None:
-        t = cfg.trainer
+        """The DeepSpeed engine of `model` for `total_steps` optimizer steps: the JSON from
+        `build_ds_config(t, z)`, AdamW (torch's fused one, or DeepSpeed's per `z.optimizer`)
+        over `param_groups`, and the warmup-cosine schedule."""
+        ds_config = build_ds_config(t, z)
         self.env = env
         self.stage = ds_config["zero_optimization"]["stage"]
         optimizer: torch.optim.Optimizer | None = None
         groups = param_groups(model, t.weight_decay, t.weight_decay_embeddings)
-        if not use_deepspeed_optimizer(cfg):
+        if not use_deepspeed_optimizer(z):
             # fused: one multi-tensor kernel per step instead of a loop over tensors (the CPU
             # kernel too; it is what TRL's default `adamw_torch_fused` uses).
             optimizer = torch.optim.AdamW(

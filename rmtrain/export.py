@@ -11,13 +11,13 @@ import argparse
 import sys
 from pathlib import Path
 
-import torch
 from transformers import AutoConfig, AutoTokenizer
 
-from rmtrain import engine, hf
+from rmtrain import engine
 from rmtrain.card import write_export
-from rmtrain.checkpoint import HF_DIR, MARKER, read_marker, record_of, resolve_checkpoint
-from rmtrain.config import to_config
+from rmtrain.checkpoint import HF_DIR, MARKER, Marker, resolve_checkpoint
+from rmtrain.errors import UserError
+from rmtrain.files import no_space
 
 
 def export_checkpoint(
@@ -26,13 +26,8 @@ def export_checkpoint(
     ckpt = resolve_checkpoint(path)
     if ckpt is None:
         raise FileNotFoundError(f"{path}: no complete rmtrain checkpoint (looked for {MARKER})")
-    record = record_of(read_marker(ckpt))
-    cfg = to_config(record.config)
+    record = Marker.read(ckpt).record()
     state_dict = engine.consolidate_checkpoint(ckpt)
-    if cfg.model.lora.enabled:
-        state_dict = hf.merge_lora(state_dict, cfg.model.lora)
-    if cfg.trainer.precision == "bf16":  # as the end-of-training export
-        state_dict = {k: v.to(torch.bfloat16) for k, v in state_dict.items()}
     model_config = AutoConfig.from_pretrained(ckpt / HF_DIR)
     tokenizer = AutoTokenizer.from_pretrained(ckpt / HF_DIR)
     out = out or ckpt.parent.parent / f"export_{ckpt.name}"
@@ -56,11 +51,11 @@ def main() -> None:
     args = parser.parse_args()
     try:
         export_checkpoint(args.path, args.out, args.max_shard_size)
-    except (FileNotFoundError, ValueError, engine.CheckpointError) as err:
+    except (FileNotFoundError, ValueError, UserError) as err:
         print(f"rmtrain export: error: {err}", file=sys.stderr)
         sys.exit(2)
     except OSError as err:
-        full = engine.no_space(err, args.out or args.path, None)
+        full = no_space(err, args.out or args.path, None)
         if full is None:
             raise
         print(f"rmtrain export: error: {full}", file=sys.stderr)

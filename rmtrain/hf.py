@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import errno
 import json
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +25,9 @@ from huggingface_hub import save_torch_state_dict
 from transformers import AutoConfig, AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
 
 from rmtrain import arch, toy
-from rmtrain.config import ConfigError, LoRAConfig, ModelConfig
+from rmtrain.config import LoRAConfig, ModelConfig
+from rmtrain.errors import ConfigError
+from rmtrain.files import atomic_directory
 from rmtrain.model import score_model_class
 
 PAD_TOKEN = "<pad>"
@@ -254,19 +255,14 @@ def export(
             f"refusing to export to {out_dir}: {len(bad)} weight tensors hold NaN/inf "
             f"(first: {bad[0]}); the run diverged"
         )
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
     try:
-        _write_export(state_dict, model_config, tokenizer, tmp, max_shard_size, extra_config)
-        (tmp / "README.md").write_text(model_card)
-    except Exception as err:
-        shutil.rmtree(tmp, ignore_errors=True)  # never leave a half-written export behind
+        with atomic_directory(out_dir) as tmp:  # never a half-written export
+            _write_export(state_dict, model_config, tokenizer, tmp, max_shard_size, extra_config)
+            (tmp / "README.md").write_text(model_card)
+    except Exception as err:  # safetensors reports a full disk as its own error type
         if getattr(err, "errno", None) == errno.ENOSPC or "No space left" in str(err):
             raise OSError(errno.ENOSPC, f"no space left on device at {out_dir}") from None
         raise
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    tmp.rename(out_dir)
     return out_dir
 
 
@@ -278,7 +274,6 @@ def _write_export(
     max_shard_size: str | int,
     extra_config: dict[str, Any],
 ) -> None:
-    tmp.mkdir(parents=True)
     config = model_config.__class__.from_dict(model_config.to_dict())
     config.architectures = [arch.sequence_classifier(config.model_type).__name__]
     config.num_labels = 1

@@ -13,6 +13,7 @@ import json
 import netrc
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ from tqdm import tqdm
 
 from rmtrain.config import LoggerConfig, WandbConfig
 from rmtrain.eval.metrics import EvalSet
+from rmtrain.files import read_jsonl, write_jsonl
 
 
 class Sink:
@@ -76,7 +78,15 @@ class ConsoleSink(Sink):
 
 
 class JsonlSink(Sink):
-    def __init__(self, path: Path) -> None:
+    """`<output_dir>/metrics.jsonl`. On a resume from step N, the lines a killed run logged
+    after N are dropped first (those steps are run again)."""
+
+    def __init__(self, path: Path, resume_step: int | None = None) -> None:
+        if resume_step is not None and path.exists():
+            rows = read_metrics(path)
+            keep = [row for row in rows if row.get("step", 0) <= resume_step]
+            if len(keep) != len(rows):
+                write_jsonl(path, keep)
         self.file = path.open("a", encoding="utf-8")
 
     def log(self, metrics: dict[str, Any], step: int) -> None:
@@ -187,6 +197,7 @@ def build_logger(
     run_name: str,
     total_steps: int,
     config: dict[str, Any],
+    resume_step: int | None = None,
 ) -> MetricLogger:
     if not is_main:
         return MetricLogger([])
@@ -194,7 +205,24 @@ def build_logger(
     if cfg.console:
         sinks.append(ConsoleSink(total_steps))
     if cfg.jsonl:
-        sinks.append(JsonlSink(output_dir / "metrics.jsonl"))
+        sinks.append(JsonlSink(output_dir / "metrics.jsonl", resume_step))
     if cfg.wandb.enabled:
         sinks.append(WandbSink(cfg.wandb, run_name, output_dir, config))
     return MetricLogger(sinks)
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """The rows of a metrics.jsonl (none when the JSONL sink is off)."""
+    return [row for _, row in read_jsonl(path)] if path.exists() else []
+
+
+def run_label(run_name: str | None) -> str:
+    """The run's name in wandb and its report: `run_name`, else the experiment preset's name,
+    then the time this process started the run."""
+    from hydra.core.hydra_config import HydraConfig
+
+    name = run_name
+    if name is None:
+        hc = HydraConfig.get() if HydraConfig.initialized() else None
+        name = (hc.runtime.choices.get("experiment") if hc else None) or "rmtrain"
+    return f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"

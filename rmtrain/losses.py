@@ -23,10 +23,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from rmtrain.objective import OBJECTIVES, oriented_gap
+
 if TYPE_CHECKING:
     from rmtrain.config import LossConfig
 
 __all__ = [
+    "PairLabels",
+    "PairLoss",
     "PairScores",
     "TokenScores",
     "bt_loss",
@@ -41,8 +45,6 @@ __all__ = [
     "tokenwise_bt_loss",
     "tokenwise_bt_terms",
 ]
-
-OBJECTIVES = ("reward", "cost")
 
 
 def _f32(x: Tensor) -> Tensor:
@@ -308,9 +310,64 @@ class PairScores:
     tokens: TokenScores | None = None  # only for losses that need_token_scores
 
 
+@dataclass
+class PairLabels:
+    """What a batch's data says about its B pairs beyond the tokens."""
+
+    chosen_unsafe: Tensor  # [B] float 0/1 (safety labels; 0 where the data has none)
+    rejected_unsafe: Tensor
+    margin: Tensor  # [B] float, the per-pair margin of data.margin_column / margin_from_scores
+
+    def to(self, device: torch.device) -> PairLabels:
+        return PairLabels(
+            self.chosen_unsafe.to(device), self.rejected_unsafe.to(device), self.margin.to(device)
+        )
+
+
 def needs_token_scores(cfg: LossConfig) -> bool:
     """Whether the loss reads per-token scores (else only end scores are gathered)."""
     return cfg.name == "bt_tokenwise"
+
+
+class PairLoss:
+    """The training objective, decided once from `loss` and `objective`: which terms, whether
+    the data's per-pair margins apply (`per_pair_margin`: data.margin_column or
+    data.margin_from_scores, with loss.name=margin) and which way scores point. Calling it gives
+    (total per-pair loss [B], terms), see :func:`compute_loss`."""
+
+    def __init__(self, cfg: LossConfig, objective: str, per_pair_margin: bool = False) -> None:
+        if objective not in OBJECTIVES:
+            raise ValueError(f"objective={objective!r} is not one of {', '.join(OBJECTIVES)}")
+        if objective == "cost" and cfg.name == "bt_tokenwise":
+            raise NotImplementedError(
+                "loss.name=bt_tokenwise is not implemented for objective=cost "
+                "(use loss.name=bt or margin)"
+            )
+        self.cfg, self.objective = cfg, objective
+        self.per_pair_margin = per_pair_margin and cfg.name == "margin"
+        self.needs_token_scores = needs_token_scores(cfg)
+
+    def __call__(self, s: PairScores, labels: PairLabels) -> tuple[Tensor, dict[str, Tensor]]:
+        labels = labels.to(s.chosen.device)
+        return compute_loss(
+            self.cfg,
+            self.objective,
+            s,
+            margin=labels.margin if self.per_pair_margin else None,
+            chosen_unsafe=labels.chosen_unsafe,
+            rejected_unsafe=labels.rejected_unsafe,
+        )
+
+    def metric_sums(self, s: PairScores, labels: PairLabels) -> dict[str, Tensor]:
+        """:func:`pair_metrics` of a batch (sums, to all-reduce)."""
+        labels = labels.to(s.chosen.device)
+        return pair_metrics(
+            s.chosen.detach(),
+            s.rejected.detach(),
+            self.objective,
+            chosen_unsafe=labels.chosen_unsafe,
+            rejected_unsafe=labels.rejected_unsafe,
+        )
 
 
 def compute_loss(
@@ -414,7 +471,7 @@ def pair_metrics(
         raise ValueError(f"objective={objective!r} is not one of {', '.join(OBJECTIVES)}")
     _check_pair(chosen, rejected)
     c, r = _f32(chosen).detach(), _f32(rejected).detach()
-    gap = c - r if objective == "reward" else r - c
+    gap = oriented_gap(objective, c, r)
     out = {
         "n": torch.tensor(float(c.numel()), device=c.device),
         "correct": (gap > 0).float().sum(),

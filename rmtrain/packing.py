@@ -1,22 +1,26 @@
-"""Padding-free ("packed") batches for a decoder score model, and token-budget grouping of pairs.
+"""How a micro-batch's sequences are laid out for one forward pass: padded or packed rows.
 
-Packing: the sequences of a micro-batch are concatenated into one row `[1, T]` (or a few rows
-`[R, T]`, first-fit decreasing into rows of `max_row_tokens`), with `position_ids` restarting at 0
-for every sequence. Each sequence's score is read at its last token (`end_index`).
+:class:`Rows` is the one layout type. :func:`pad_sequences` gives one row per sequence, padded
+on either side, with an attention mask. :func:`pack_sequences` gives padding-free rows: the
+sequences concatenated into one row `[1, T]` (or a few rows `[R, T]`, first-fit decreasing into
+rows of `max_row_tokens`), with `position_ids` restarting at 0 for every sequence. Either way
+sequence i is `input_ids[seq_row[i], seq_start[i]:][:seq_len[i]]` and its score is read at its
+last token (`seq_end`).
 
-How attention stays inside each sequence (transformers 5.23, measured on CPU for sdpa and eager):
-`LlamaModel.forward(input_ids, position_ids=..., attention_mask=None, use_cache=False)` builds the
-mask with `masking_utils.create_causal_mask`, which calls `find_packed_sequence_indices`
-(a new sequence starts wherever consecutive positions do not increase by exactly 1) and ANDs the
-causal mask with "same sequence" -- a block-diagonal causal mask, materialised as a bool
-`[R, 1, T, T]` tensor for sdpa and an additive float one for eager. No hand-written mask is needed.
-Sliding-window layers (Mistral, Qwen, Gemma 2/3, Phi-3: `create_sliding_window_causal_mask`) go
-through the same detection, and `remap_positions_for_packed_sequence` applies the window to each
-sequence's own positions. A row's padding tail is numbered in runs no longer than the longest
-sequence, so no position exceeds the padded batch's largest: RoPE variants that choose their
-frequencies from it (Phi-3's LongRoPE, "dynamic") see the same batch packed and padded.
-Two conditions, both required (violating either silently gives a plain causal mask that attends
-across sequences; the test suite checks both):
+How attention stays inside each packed sequence (transformers 5, measured on CPU for sdpa and
+eager): `LlamaModel.forward(input_ids, position_ids=..., attention_mask=None, use_cache=False)`
+builds the mask with `masking_utils.create_causal_mask`, which calls
+`find_packed_sequence_indices` (a new sequence starts wherever consecutive positions do not
+increase by exactly 1) and ANDs the causal mask with "same sequence" -- a block-diagonal causal
+mask, materialised as a bool `[R, 1, T, T]` tensor for sdpa and an additive float one for eager.
+No hand-written mask is needed. Sliding-window layers (Mistral, Qwen, Gemma 2/3, Phi-3:
+`create_sliding_window_causal_mask`) go through the same detection, and
+`remap_positions_for_packed_sequence` applies the window to each sequence's own positions. A
+row's padding tail is numbered in runs no longer than the longest sequence, so no position
+exceeds the padded batch's largest: RoPE variants that choose their frequencies from it (Phi-3's
+LongRoPE, "dynamic") see the same batch packed and padded. Two conditions, both required
+(violating either silently gives a plain causal mask that attends across sequences; the test
+suite checks both):
 
 * `attention_mask` must be None. Any 2-D mask, even all ones, switches detection off.
 * `past_key_values` must be None, i.e. `use_cache=False` explicitly. `LlamaConfig.use_cache`
@@ -27,15 +31,14 @@ across sequences; the test suite checks both):
 The sdpa/eager mask is dense: attention still costs O(T^2) per row, with the cross-sequence part
 masked rather than skipped. Packing into a few nearly full rows of moderate width
 (`balanced_row_tokens`: 1-4x the longest sequence, whichever is cheapest) keeps that cost at or
-below the padded batch's. The flash-attention kernels take
-the varlen path from `position_ids` only when the batch has ONE row (`_is_packed_sequence` checks
-`batch_size == 1`); with several rows they would run plain causal attention, so `packed_forward`
-refuses flash implementations with more than one row. `cu_seqlens`/`max_seqlen` are what those
-kernels want (`cu_seq_lens_q/k`, `max_length_q/k`).
+below the padded batch's. The flash-attention kernels take the varlen path from `position_ids`
+only when the batch has ONE row (`_is_packed_sequence` checks `batch_size == 1`); with several
+rows they would run plain causal attention, so a flash implementation packs into one row and
+`packed_forward` refuses it with more.
 
-Token budget: `token_budget_batches` groups pairs into micro-batches of about `max_tokens` real
-tokens; `token_budget_steps` cuts them into optimizer steps with the same number of micro-batches
-on every rank and exact per-pair loss weights (see their docstrings).
+`packed_forward`, `packed_scores` and `padded_scores` run any `*ForSequenceClassification`-shaped
+model (`model.model`, `model.score`) on these layouts: the reference path of the tests and of
+`benchmarks/vs_trl.py`, independent of rmtrain's score model.
 """
 
 from __future__ import annotations
@@ -43,8 +46,9 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, TypedDict
+from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -52,22 +56,96 @@ from torch import nn
 _MASK_IMPLEMENTATIONS = ("sdpa", "eager", "flex_attention")
 
 
-class PackedBatch(TypedDict):
-    """Packed sequences. Sequence i is `input_ids[seq_row[i], seq_starts[i]:][:seq_lens[i]]`."""
+@dataclass
+class Rows:
+    """N sequences laid out in `[R, T]` rows for one forward pass (padded: R == N)."""
 
-    input_ids: torch.Tensor  # [R, T] long; row tails hold pad_token_id
-    position_ids: torch.Tensor  # [R, T] long; 0.. per sequence and per padding run
-    real_mask: torch.Tensor  # [R, T] bool; True on real (sequence) tokens
+    input_ids: torch.Tensor  # [R, T] long; padding holds the pad token id
     seq_row: torch.Tensor  # [N] long; row of each sequence
-    seq_starts: torch.Tensor  # [N] long; column of each sequence's first token
-    seq_lens: torch.Tensor  # [N] long
-    end_index: torch.Tensor  # [N] long; column of each sequence's last token
-    cu_seqlens: torch.Tensor  # [S + 1] int32; segment boundaries in the row-major flat layout
-    max_seqlen: int  # longest segment (flash-attention varlen argument)
-    num_real_tokens: int
+    seq_start: torch.Tensor  # [N] long; column of each sequence's first token
+    seq_len: torch.Tensor  # [N] long
+    attention_mask: torch.Tensor | None = None  # padded: [R, T], 1 on real tokens
+    position_ids: torch.Tensor | None = None  # packed: [R, T], 0.. per sequence and padding run
+
+    @property
+    def packed(self) -> bool:
+        return self.attention_mask is None
+
+    @property
+    def seq_end(self) -> torch.Tensor:
+        """Column of each sequence's last token (where its score is read)."""
+        return self.seq_start + self.seq_len - 1
+
+    @property
+    def fed_tokens(self) -> int:
+        """Positions the forward pass computes, padding included."""
+        return int(self.input_ids.numel())
+
+    @property
+    def real_tokens(self) -> int:
+        return int(self.seq_len.sum())
+
+    def model_inputs(self) -> dict[str, torch.Tensor]:
+        """The score model's forward arguments (`rmtrain.model`): ids and mask, or ids,
+        position ids and each sequence's end (row, column)."""
+        if self.attention_mask is not None:
+            return {"input_ids": self.input_ids, "attention_mask": self.attention_mask}
+        assert self.position_ids is not None
+        return {
+            "input_ids": self.input_ids,
+            "position_ids": self.position_ids,
+            "seq_row": self.seq_row,
+            "seq_end": self.seq_end,
+        }
+
+    def per_sequence(self, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(`[N, L, ...]` right-padded per-sequence view of `values` `[R, T, ...]`, padding 0;
+        mask `[N, L]`), L the longest sequence. Differentiable: gradients flow back to the
+        positions in the rows."""
+        width = int(self.seq_len.max())
+        cols = torch.arange(width)
+        mask = cols[None, :] < self.seq_len[:, None]
+        base = self.seq_row * self.input_ids.size(1) + self.seq_start
+        index = torch.where(mask, base[:, None] + cols[None, :], torch.zeros((), dtype=torch.long))
+        flat = values.flatten(0, 1)[index.to(values.device)]
+        keep = mask.to(values.device).view(*mask.shape, *([1] * (flat.dim() - 2)))
+        zero = torch.zeros((), dtype=flat.dtype, device=flat.device)
+        return torch.where(keep, flat, zero), mask
 
 
-def _first_fit_decreasing(sizes: Sequence[int], capacity: int) -> list[list[int]]:
+def _lengths(seqs: Sequence[Sequence[int] | np.ndarray]) -> list[int]:
+    if not len(seqs):
+        raise ValueError("at least one sequence is needed")
+    lens = [len(s) for s in seqs]
+    if min(lens) == 0:
+        raise ValueError("empty sequence")
+    return lens
+
+
+def pad_sequences(
+    seqs: Sequence[Sequence[int] | np.ndarray], pad_token_id: int, padding_side: str = "right"
+) -> Rows:
+    """One row per sequence, padded to the longest on `padding_side`, with an attention mask."""
+    if padding_side not in ("left", "right"):
+        raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
+    lens = _lengths(seqs)
+    width = max(lens)
+    input_ids = torch.full((len(seqs), width), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    starts = [0 if padding_side == "right" else width - n for n in lens]
+    for row, (seq, start, n) in enumerate(zip(seqs, starts, lens, strict=True)):
+        input_ids[row, start : start + n] = torch.as_tensor(seq, dtype=torch.long)
+        attention_mask[row, start : start + n] = 1
+    return Rows(
+        input_ids=input_ids,
+        seq_row=torch.arange(len(seqs)),
+        seq_start=torch.as_tensor(starts, dtype=torch.long),
+        seq_len=torch.as_tensor(lens, dtype=torch.long),
+        attention_mask=attention_mask,
+    )
+
+
+def first_fit_decreasing(sizes: Sequence[int], capacity: int) -> list[list[int]]:
     """Indices of `sizes` grouped into bins of at most `capacity` (an item larger than `capacity`
     gets a bin of its own). Deterministic: ties keep index order; each bin lists indices sorted."""
     order = sorted(range(len(sizes)), key=lambda i: (-sizes[i], i))
@@ -86,64 +164,49 @@ def _first_fit_decreasing(sizes: Sequence[int], capacity: int) -> list[list[int]
 
 
 def pack_sequences(
-    seqs: Sequence[Sequence[int]],
+    seqs: Sequence[Sequence[int] | np.ndarray],
     max_row_tokens: int | None = None,
     pad_token_id: int = 0,
     pad_to_multiple_of: int = 1,
-) -> PackedBatch:
+) -> Rows:
     """Concatenate `seqs` into one row (`max_row_tokens=None`) or into rows of at most
     `max(max_row_tokens, longest)` tokens (first-fit decreasing), right-padded to one width
-    rounded up to `pad_to_multiple_of`. Outputs keep the order of `seqs` (index i = seqs[i])."""
-    if not seqs:
-        raise ValueError("pack_sequences needs at least one sequence")
-    lens = [len(s) for s in seqs]
-    if min(lens) == 0:
-        raise ValueError("pack_sequences: empty sequence")
+    rounded up to `pad_to_multiple_of`. Outputs keep the order of `seqs` (index i = seqs[i]).
+    A row's padding tail is numbered in runs of at most the longest sequence, each attending only
+    to itself."""
+    lens = _lengths(seqs)
     if max_row_tokens is None:
         rows = [list(range(len(seqs)))]
     else:
-        rows = _first_fit_decreasing(lens, max(max_row_tokens, max(lens)))
+        rows = first_fit_decreasing(lens, max(max_row_tokens, max(lens)))
     width = max(sum(lens[i] for i in row) for row in rows)
     width = -(-width // pad_to_multiple_of) * pad_to_multiple_of
 
     input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
     position_ids = torch.zeros((len(rows), width), dtype=torch.long)
-    real_mask = torch.zeros((len(rows), width), dtype=torch.bool)
     seq_row = torch.empty(len(seqs), dtype=torch.long)
-    seq_starts = torch.empty(len(seqs), dtype=torch.long)
-    segments: list[int] = []
+    seq_start = torch.empty(len(seqs), dtype=torch.long)
     for r, row in enumerate(rows):
         col = 0
         for i in row:
             n = lens[i]
             input_ids[r, col : col + n] = torch.as_tensor(seqs[i], dtype=torch.long)
             position_ids[r, col : col + n] = torch.arange(n)
-            real_mask[r, col : col + n] = True
-            seq_row[i], seq_starts[i] = r, col
-            segments.append(n)
+            seq_row[i], seq_start[i] = r, col
             col += n
-        # The padding run: segments of at most the longest sequence's length, each seeing only
+        # The padding tail: runs of at most the longest sequence's length, each seeing only
         # itself, so no position exceeds the padded batch's largest (RoPE variants that pick
         # their frequencies from the largest position, Phi-3's LongRoPE and "dynamic", then
         # see the same batch as padded).
         for start in range(col, width, max(lens)):
             run = min(max(lens), width - start)
             position_ids[r, start : start + run] = torch.arange(run)
-            segments.append(run)
-    seq_lens = torch.as_tensor(lens, dtype=torch.long)
-    cu = torch.zeros(len(segments) + 1, dtype=torch.int32)
-    cu[1:] = torch.cumsum(torch.as_tensor(segments, dtype=torch.int32), 0)
-    return PackedBatch(
+    return Rows(
         input_ids=input_ids,
-        position_ids=position_ids,
-        real_mask=real_mask,
         seq_row=seq_row,
-        seq_starts=seq_starts,
-        seq_lens=seq_lens,
-        end_index=seq_starts + seq_lens - 1,
-        cu_seqlens=cu,
-        max_seqlen=max(segments),
-        num_real_tokens=sum(lens),
+        seq_start=seq_start,
+        seq_len=torch.as_tensor(lens, dtype=torch.long),
+        position_ids=position_ids,
     )
 
 
@@ -151,7 +214,7 @@ def _fitted_width(lengths: Sequence[int], rows: int) -> int:
     """The narrowest width (grown in 1 % steps from total / rows) that first-fit decreasing
     packs into `rows` rows."""
     width = max(max(lengths), math.ceil(sum(lengths) / rows))
-    while len(_first_fit_decreasing(lengths, width)) > rows:
+    while len(first_fit_decreasing(lengths, width)) > rows:
         width += max(1, width // 100)
     return width
 
@@ -176,7 +239,7 @@ def balanced_row_tokens(
     for factor in (1.0, 1.25, 1.5, 2.0, 3.0, 4.0):
         rows = max(1, math.ceil(total / (factor * longest)))
         width = _fitted_width(lengths, rows)
-        fed = len(_first_fit_decreasing(lengths, width)) * width
+        fed = len(first_fit_decreasing(lengths, width)) * width
         candidates.append((total / fed < min_real_fraction, fed * (token_cost + width), width))
         if rows == 1:
             break
@@ -193,56 +256,37 @@ def row_token_cost(config: Any) -> float:
     return float(linear / (2 * q))
 
 
-def unpack_index(packed: PackedBatch) -> tuple[torch.Tensor, torch.Tensor]:
-    """(index [N, L], mask [N, L]) that turn a packed `[R, T, ...]` tensor, flattened to
-    `[R * T, ...]`, into right-padded per-sequence views (L = longest sequence), as `unpack`."""
-    lens = packed["seq_lens"]
-    width = int(lens.max())
-    cols = torch.arange(width)
-    mask = cols[None, :] < lens[:, None]
-    base = packed["seq_row"] * packed["input_ids"].size(1) + packed["seq_starts"]
-    index = torch.where(mask, base[:, None] + cols[None, :], torch.zeros((), dtype=torch.long))
-    return index, mask
-
-
-def unpack(values: torch.Tensor, index: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Right-padded `[N, L, ...]` view of packed `values` `[R, T, ...]`; padding is 0
-    (differentiable: gradients flow back to the packed positions)."""
-    flat = values.flatten(0, 1)[index.to(values.device)]
-    keep = mask.to(values.device).view(*mask.shape, *([1] * (flat.dim() - 2)))
-    return torch.where(keep, flat, torch.zeros((), dtype=flat.dtype, device=flat.device))
-
-
 @dataclass
-class PackedScores:
-    scores: torch.Tensor  # [R, T, 1] score at every packed position (padding included)
+class LayoutScores:
+    scores: torch.Tensor  # [R, T, 1] score at every position of the rows (padding included)
     end_scores: torch.Tensor  # [N, 1] score at each sequence's last token, in `seqs` order
     end_hidden: torch.Tensor  # [N, H]
 
 
-def sequence_scores(scores: torch.Tensor, packed: PackedBatch) -> list[torch.Tensor]:
+def sequence_scores(scores: torch.Tensor, rows: Rows) -> list[torch.Tensor]:
     """Per-token scores of each sequence, `[len_i, 1]`, in `seqs` order."""
     out = []
-    rows, starts = packed["seq_row"].tolist(), packed["seq_starts"].tolist()
-    for r, s, n in zip(rows, starts, packed["seq_lens"].tolist(), strict=True):
+    for r, s, n in zip(rows.seq_row.tolist(), rows.seq_start.tolist(), rows.seq_len.tolist(),
+                       strict=True):  # fmt: skip
         out.append(scores[r, s : s + n])
     return out
 
 
-def packed_forward(backbone: nn.Module, packed: PackedBatch) -> torch.Tensor:
-    """Last hidden state `[R, T, H]` of a transformers decoder (`LlamaModel`) on a packed batch,
+def packed_forward(backbone: nn.Module, rows: Rows) -> torch.Tensor:
+    """Last hidden state `[R, T, H]` of a transformers decoder (`LlamaModel`) on packed rows,
     attention confined to each sequence (see the module docstring for why these arguments)."""
     impl = str(getattr(backbone.config, "_attn_implementation", "eager"))
-    rows = packed["input_ids"].size(0)
-    if impl not in _MASK_IMPLEMENTATIONS and not (rows == 1 and "flash" in impl):
+    n_rows = rows.input_ids.size(0)
+    if impl not in _MASK_IMPLEMENTATIONS and not (n_rows == 1 and "flash" in impl):
         raise ValueError(
-            f"packed_forward: attention {impl!r} with {rows} rows would attend across sequences; "
-            f"use one of {_MASK_IMPLEMENTATIONS} or a flash implementation with one row"
+            f"packed_forward: attention {impl!r} with {n_rows} rows would attend across "
+            f"sequences; use one of {_MASK_IMPLEMENTATIONS} or a flash implementation with one row"
         )
+    assert rows.position_ids is not None, "packed rows are needed"
     device = next(backbone.parameters()).device
     out: Any = backbone(
-        input_ids=packed["input_ids"].to(device),
-        position_ids=packed["position_ids"].to(device),
+        input_ids=rows.input_ids.to(device),
+        position_ids=rows.position_ids.to(device),
         attention_mask=None,  # a 2-D mask (even all ones) disables packed-sequence detection
         use_cache=False,  # a cache (config default use_cache=True) disables it too
     )
@@ -250,143 +294,31 @@ def packed_forward(backbone: nn.Module, packed: PackedBatch) -> torch.Tensor:
     return hidden
 
 
-def packed_scores(model: nn.Module, packed: PackedBatch) -> PackedScores:
-    """Scores of a `LlamaForSequenceClassification`-shaped model (`model.model`, `model.score`)
-    at every packed position and at each sequence's last token."""
-    hidden = packed_forward(model.get_submodule("model"), packed)
+def _scores_at(model: nn.Module, hidden: torch.Tensor, rows: Rows) -> LayoutScores:
     scores: torch.Tensor = model.get_submodule("score")(hidden)
-    rows = packed["seq_row"].to(hidden.device)
-    ends = packed["end_index"].to(hidden.device)
-    return PackedScores(scores=scores, end_scores=scores[rows, ends], end_hidden=hidden[rows, ends])
+    r, e = rows.seq_row.to(hidden.device), rows.seq_end.to(hidden.device)
+    return LayoutScores(scores=scores, end_scores=scores[r, e], end_hidden=hidden[r, e])
 
 
-def pad_sequences(
-    seqs: Sequence[Sequence[int]], pad_token_id: int = 0
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-padded `[N, L]` input ids and attention mask (TRL's layout)."""
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_token_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, : len(s)] = torch.as_tensor(s, dtype=torch.long)
-        mask[i, : len(s)] = 1
-    return ids, mask
+def packed_scores(model: nn.Module, rows: Rows) -> LayoutScores:
+    """Scores of a `*ForSequenceClassification`-shaped model (`model.model`, `model.score`) at
+    every packed position and at each sequence's last token."""
+    return _scores_at(model, packed_forward(model.get_submodule("model"), rows), rows)
 
 
 def padded_scores(
     model: nn.Module, seqs: Sequence[Sequence[int]], pad_token_id: int = 0
-) -> PackedScores:
+) -> LayoutScores:
     """The padded reference: right-padded `[N, L]` batch with an attention mask, positions counted
     over real tokens, end score at the last real token. `scores` is `[N, L, 1]`."""
-    ids, mask = pad_sequences(seqs, pad_token_id)
+    rows = pad_sequences(seqs, pad_token_id)
+    assert rows.attention_mask is not None
     device = next(model.parameters()).device
-    ids, mask = ids.to(device), mask.to(device)
+    ids, mask = rows.input_ids.to(device), rows.attention_mask.to(device)
     out: Any = model.get_submodule("model")(
         input_ids=ids,
         attention_mask=mask,
         position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
         use_cache=False,
     )
-    hidden: torch.Tensor = out.last_hidden_state
-    scores: torch.Tensor = model.get_submodule("score")(hidden)
-    rows = torch.arange(len(seqs), device=device)
-    ends = mask.sum(-1) - 1
-    return PackedScores(scores=scores, end_scores=scores[rows, ends], end_hidden=hidden[rows, ends])
-
-
-# ----------------------------------------------------------------------------------------------
-# Token-budget grouping of pairs
-
-
-def token_budget_batches(
-    lengths: Sequence[int],
-    max_tokens: int,
-    seed: int,
-    epoch: int = 0,
-    window: int = 1024,
-) -> list[list[int]]:
-    """Micro-batches (lists of pair indices) of at most `max_tokens` real tokens each, covering
-    every pair exactly once; `lengths[i]` is pair i's tokens (len(chosen) + len(rejected)).
-
-    Deterministic in (lengths, max_tokens, seed, epoch, window): the pairs are permuted
-    (`torch.randperm` seeded with seed + epoch, as `rmtrain.batching`), cut into consecutive
-    windows of `window` pairs, each window is binned first-fit decreasing (so bins are full but
-    only pairs of the same window share one), and the bins of the epoch are shuffled with the same
-    generator. A pair longer than `max_tokens` is a micro-batch of its own. Indices inside a
-    micro-batch are in permutation order.
-    """
-    if max_tokens <= 0 or window <= 0:
-        raise ValueError("max_tokens and window must be positive")
-    if any(n <= 0 for n in lengths):
-        raise ValueError("every pair needs a positive token count")
-    gen = torch.Generator().manual_seed(seed + epoch)
-    perm = torch.randperm(len(lengths), generator=gen).tolist()
-    bins: list[list[int]] = []
-    for start in range(0, len(perm), window):
-        chunk = perm[start : start + window]
-        for b in _first_fit_decreasing([lengths[i] for i in chunk], max_tokens):
-            bins.append([chunk[j] for j in b])
-    order = torch.randperm(len(bins), generator=gen).tolist()
-    return [bins[k] for k in order]
-
-
-def split_by_tokens(indices: Sequence[int], lengths: Sequence[int], parts: int) -> list[list[int]]:
-    """`indices` cut into `parts` groups of near-equal tokens (longest first, each to the lightest
-    group; ties to the lower group), for the fixed-pairs-per-step alternative: the G pairs of a
-    `BatchPlan` step split into world x accumulation token-balanced micro-batches."""
-    if parts <= 0:
-        raise ValueError("parts must be positive")
-    groups: list[list[int]] = [[] for _ in range(parts)]
-    load = [0] * parts
-    for i in sorted(indices, key=lambda i: (-lengths[i], i)):
-        g = min(range(parts), key=lambda p: (load[p], p))
-        groups[g].append(i)
-        load[g] += lengths[i]
-    return [sorted(g) for g in groups]
-
-
-@dataclass(frozen=True)
-class WeightedMicroBatch:
-    """Same fields as `rmtrain.batching.MicroBatch`: pair indices and per-pair loss weights."""
-
-    indices: list[int]
-    weights: list[float]
-
-
-def token_budget_steps(
-    batches: Sequence[Sequence[int]],
-    world_size: int,
-    accumulation: int,
-    rank: int,
-) -> list[list[WeightedMicroBatch]]:
-    """This rank's micro-batches for every optimizer step of an epoch of `batches`.
-
-    A step takes the next M = world_size x accumulation micro-batches (micro-batch k*world + rank
-    is this rank's k-th), so every rank runs exactly `accumulation` forward/backward passes per
-    step -- what ZeRO-3's collective parameter gathers and DeepSpeed's fixed
-    `gradient_accumulation_steps` need. The last step is filled with empty micro-batches, each a
-    single pair of weight 0. Every pair of a step weighs M / n_step (n_step = its pairs): DeepSpeed
-    divides by `accumulation` and averages over ranks, so the weighted sums give exactly the mean
-    over the step's pairs. The pairs per step vary (about M x max_tokens / mean pair tokens);
-    the loss stays an exact mean.
-    """
-    per_step = world_size * accumulation
-    if not 0 <= rank < world_size or accumulation <= 0:
-        raise ValueError("need 0 <= rank < world_size and accumulation > 0")
-    if not batches:
-        return []
-    filler = [batches[0][0]]
-    steps: list[list[WeightedMicroBatch]] = []
-    for start in range(0, len(batches), per_step):
-        group = list(batches[start : start + per_step])
-        n_step = sum(len(b) for b in group)
-        weight = per_step / n_step
-        mine: list[WeightedMicroBatch] = []
-        for k in range(accumulation):
-            j = k * world_size + rank
-            if j < len(group):
-                mine.append(WeightedMicroBatch(list(group[j]), [weight] * len(group[j])))
-            else:
-                mine.append(WeightedMicroBatch(filler, [0.0]))
-        steps.append(mine)
-    return steps
+    return _scores_at(model, out.last_hidden_state, rows)

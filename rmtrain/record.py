@@ -4,7 +4,7 @@ to the export and its model card, so that an export made from any checkpoint say
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 
@@ -26,16 +26,3 @@ class RunRecord:
     def data_metrics(self) -> dict[str, int]:
         """Flat `data/<split>/<count>` metrics, logged at step 0."""
         return {f"data/{s}/{k}": v for s, counts in self.data.items() for k, v in counts.items()}
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> RunRecord:
-        return cls(
-            d["config"],
-            d["data"],
-            dict(d["score_stats"]),
-            dict(d["last_eval"]),
-            dict(d.get("held_out", {})),
-        )

@@ -39,6 +39,8 @@ import weakref
 from collections.abc import Sequence
 from typing import Any
 
+from rmtrain.errors import TextError
+
 TEMPLATES = ("safe_rlhf", "chat")
 ROLES = ("system", "user", "assistant")
 
@@ -60,10 +62,6 @@ SAFE_RLHF_CHAT_TEMPLATE = (
 )
 _EOS_SUFFIX = "{% if not add_generation_prompt %}{{ eos_token }}{% endif %}"
 _PROBE = [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]
-
-
-class TextError(ValueError):
-    """A conversation or tokenizer that cannot be rendered; the message says why."""
 
 
 def exchange(prompt: str, response: str) -> list[dict[str, str]]:

@@ -22,20 +22,40 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import SMALL, check_ok, read_jsonl, read_metrics, run_train, train_in_process
+from conftest import (
+    SMALL,
+    assert_close_steps,
+    check_ok,
+    export_weights,
+    read_jsonl,
+    read_metrics,
+    run_train,
+    train_in_process,
+    weights_close,
+)
 from conventions import save_tokenizer
-from test_equivalence import assert_close_steps, assert_weights_close, load_export
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, pipeline
 
 from rmtrain import arch, hf
-from rmtrain.config import TOY_MODEL_TYPES, ConfigError, ModelConfig, ToyConfig
+from rmtrain.config import TOY_MODEL_TYPES, ModelConfig, ToyConfig
+from rmtrain.errors import ConfigError
 from rmtrain.model import AutoModelForScore, score_model_class
 from rmtrain.packing import pack_sequences, padded_scores
-from rmtrain.score import Scorer
+from rmtrain.scoring import Scorer
 
 NEW = [t for t in TOY_MODEL_TYPES if t != "llama"]  # LLaMA: tests/test_equivalence.py
 LR, STEPS = 1e-3, 8
+# The tolerances of tests/test_equivalence.py (same lr, fp32; its note says why both weight
+# bounds), met here with margins of 50x (losses) and 20x (weights).
 LOSS_RTOL, LOSS_ATOL = 1e-5, 1e-6
+
+
+def assert_weights_close(got: dict[str, Any], want: dict[str, Any], what: str) -> None:
+    weights_close(got, want, what, rtol_fro=1e-5, atol_max=LR / 10)
+
+
+def load_export(run_dir: Path) -> dict[str, Any]:
+    return export_weights(run_dir / "export")
 
 
 def test_toy_types_are_the_verified_architectures() -> None:
@@ -66,13 +86,8 @@ def test_packed_rows_score_like_padded_and_single_sequences(model_type: str, imp
     model = _model(model_type, impl)
     assert model.config._attn_implementation == impl
     packed = pack_sequences(SEQS, max_row_tokens=80)
-    assert packed["input_ids"].size(0) > 1 and int(packed["seq_row"].bincount().min()) > 1
-    out = model(
-        input_ids=packed["input_ids"],
-        position_ids=packed["position_ids"],
-        seq_row=packed["seq_row"],
-        seq_end=packed["end_index"],
-    )
+    assert packed.input_ids.size(0) > 1 and int(packed.seq_row.bincount().min()) > 1
+    out = model(**packed.model_inputs())
     padded = padded_scores(model, SEQS).end_scores
     alone = torch.cat([model(input_ids=torch.tensor([s])).end_scores for s in SEQS])
     torch.testing.assert_close(out.end_scores, padded, rtol=1e-5, atol=1e-6)
@@ -105,9 +120,7 @@ def test_gemma2_soft_capping_in_packed_rows() -> None:
     model.config.attn_logit_softcapping = 1.0
     for layer in model.model.layers:
         layer.self_attn.attn_logit_softcapping = 1.0
-    packed = pack_sequences(SEQS, max_row_tokens=80)
-    out = model(input_ids=packed["input_ids"], position_ids=packed["position_ids"],
-                seq_row=packed["seq_row"], seq_end=packed["end_index"])  # fmt: skip
+    out = model(**pack_sequences(SEQS, max_row_tokens=80).model_inputs())
     capped = padded_scores(model, SEQS).end_scores
     torch.testing.assert_close(out.end_scores, capped, rtol=1e-5, atol=1e-6)
     assert not torch.allclose(before, capped, atol=1e-3)
@@ -134,16 +147,17 @@ def test_longrope_sees_the_same_positions_packed() -> None:
     model = score_model_class("phi3")(config).eval()
     seqs = [torch.randint(4, 200, (n,)).tolist() for n in (30, 29, 28, 27)]
     packed = pack_sequences(seqs, max_row_tokens=100)
-    assert packed["input_ids"].shape == (2, 87) and int(packed["position_ids"].max()) == 29
+    assert packed.position_ids is not None
+    assert packed.input_ids.shape == (2, 87) and int(packed.position_ids.max()) == 29
     padded = padded_scores(model, seqs).end_scores
 
     def score(position_ids: torch.Tensor) -> torch.Tensor:
-        return model(input_ids=packed["input_ids"], position_ids=position_ids,
-                     seq_row=packed["seq_row"], seq_end=packed["end_index"]).end_scores  # fmt: skip
+        inputs = packed.model_inputs() | {"position_ids": position_ids}
+        return model(**inputs).end_scores
 
-    torch.testing.assert_close(score(packed["position_ids"]), padded, rtol=1e-5, atol=1e-6)
-    one_run = packed["position_ids"].clone()
-    tail = int(packed["real_mask"][1].sum())
+    torch.testing.assert_close(score(packed.position_ids), padded, rtol=1e-5, atol=1e-6)
+    one_run = packed.position_ids.clone()
+    tail = int(packed.seq_len[packed.seq_row == 1].sum())
     one_run[1, tail:] = torch.arange(87 - tail)  # 0..59 > original_max_position_embeddings
     assert not torch.allclose(score(one_run), padded, atol=1e-4)
 

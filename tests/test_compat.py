@@ -24,7 +24,7 @@ from rmtrain.card import export_metadata, model_card
 from rmtrain.config import to_config
 from rmtrain.model import AutoModelForScore, LlamaScoreModel, ScoreModelOutput
 from rmtrain.record import RunRecord
-from rmtrain.score import Scorer
+from rmtrain.scoring import Scorer
 from rmtrain.text import render, trained_template, use_template
 from rmtrain.toy.tokenizer import build_tiny_tokenizer
 

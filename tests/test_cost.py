@@ -14,9 +14,9 @@ import pytest
 from conftest import train_in_process, write_jsonl
 
 from rmtrain.config import DataConfig
-from rmtrain.data.errors import DataError
 from rmtrain.data.pairs import build_pairs
 from rmtrain.data.sources import load_rows
+from rmtrain.errors import DataError
 from rmtrain.text import format_text
 from rmtrain.toy.sample_data import HARM_CATEGORIES, generate_rows
 from rmtrain.toy.tokenizer import build_tiny_tokenizer

@@ -13,11 +13,10 @@ import torch
 from conftest import SHARED_DATA, write_jsonl
 
 from rmtrain.config import DataConfig
-from rmtrain.data.collate import collate_pairs
-from rmtrain.data.errors import DataError
 from rmtrain.data.pairs import DataStats, build_pairs
 from rmtrain.data.schemas import PkuSafeRLHF
 from rmtrain.data.sources import load_rows
+from rmtrain.errors import DataError
 from rmtrain.text import format_text
 from rmtrain.toy.sample_data import (
     HARM_CATEGORIES,
@@ -354,7 +353,7 @@ def test_min_severity_gap(tmp_path: Path, tok: Any) -> None:
     cfg = _cfg(tmp_path, preference="safer", min_severity_gap=4)
     pairs, stats = build_pairs(load_rows(cfg, "train"), cfg, tok, objective="cost")
     assert (len(pairs), stats.severity_filtered, stats.inconsistent_skipped) == (0, 60, 0)
-    assert "chosen_input_ids" in pairs.column_names
+    assert pairs["chosen_input_ids"] == [] and len(pairs.lengths()) == 0
 
 
 # --------------------------------------------------------------------------- collate
@@ -362,36 +361,36 @@ def test_min_severity_gap(tmp_path: Path, tok: Any) -> None:
 
 @pytest.mark.parametrize("side", ["left", "right"])
 def test_collate_padding(side: str) -> None:
-    examples = [
-        {
-            "chosen_input_ids": [1, 5, 2],
-            "rejected_input_ids": [1, 6, 7, 8, 2],
-            "chosen_unsafe": False,
-            "rejected_unsafe": True,
-            "margin": 0.5,
-        },
-        {
-            "chosen_input_ids": [1, 9, 9, 2],
-            "rejected_input_ids": [1, 2],
-            "chosen_unsafe": True,
-            "rejected_unsafe": False,
-            "margin": 0.0,
-        },
-    ]
-    b = collate_pairs(examples, pad_token_id=3, padding_side=side)
-    assert b["input_ids"].shape == b["attention_mask"].shape == (4, 5)
-    assert b["input_ids"].dtype == b["attention_mask"].dtype == torch.long
+    from rmtrain.batch import Layout, collate
+    from rmtrain.data.table import PairTable
+
+    labels = {
+        "chosen_unsafe": [False, True],
+        "rejected_unsafe": [True, False],
+        "chosen_severity": [0, 2],
+        "rejected_severity": [1, 0],
+        "margin": [0.5, 0.0],
+    }
+    table = PairTable.from_lists([[1, 5, 2], [1, 9, 9, 2]], [[1, 6, 7, 8, 2], [1, 2]], labels,
+                                 ["{}", "{}"])  # fmt: skip
+    b = collate(table, [0, 1], Layout(packed=False, pad_token_id=3, padding_side=side))
+    mask_ = b.rows.attention_mask
+    assert mask_ is not None and b.rows.input_ids.shape == mask_.shape == (4, 5)
+    assert b.rows.input_ids.dtype == mask_.dtype == torch.long
     seqs = [[1, 5, 2], [1, 9, 9, 2], [1, 6, 7, 8, 2], [1, 2]]  # chosen first, then rejected
     for row, seq in enumerate(seqs):
         pad = [3] * (5 - len(seq))
         ones, zeros = [1] * len(seq), [0] * len(pad)
         want = seq + pad if side == "right" else pad + seq
         mask = ones + zeros if side == "right" else zeros + ones
-        assert b["input_ids"][row].tolist() == want
-        assert b["attention_mask"][row].tolist() == mask
-    assert b["chosen_unsafe"].tolist() == [0.0, 1.0]
-    assert b["rejected_unsafe"].tolist() == [1.0, 0.0]
-    assert b["margin"].tolist() == [0.5, 0.0]
+        assert b.rows.input_ids[row].tolist() == want
+        assert mask_[row].tolist() == mask
+    assert b.labels.chosen_unsafe.tolist() == [0.0, 1.0]
+    assert b.labels.rejected_unsafe.tolist() == [1.0, 0.0]
+    assert b.labels.margin.tolist() == [0.5, 0.0]
+    # the other pair order, from a selection of the table: the same rows, reordered
+    swapped = collate(table.select([1, 0]), [0, 1], Layout(False, 3, side))
+    assert swapped.rows.input_ids[0].tolist() == b.rows.input_ids[1].tolist()
 
 
 # --------------------------------------------------------------------------- sample data

@@ -10,44 +10,16 @@ import pytest
 import torch
 from conftest import (
     SMALL,
+    check_export,
     check_ok,
+    png_size_and_variation,
     read_jsonl,
     read_metrics,
     run_train,
     train_in_process,
     write_jsonl,
 )
-from transformers import AutoModelForSequenceClassification, AutoTokenizer, pipeline
-
-
-def check_export(run_dir: Path, min_shards: int = 2) -> None:
-    """The export loads with plain transformers and scores exactly what the trained model did."""
-    export = run_dir / "export"
-    index = json.loads((export / "model.safetensors.index.json").read_text())
-    shards = set(index["weight_map"].values())
-    assert len(shards) >= min_shards
-    assert all((export / s).exists() for s in shards)
-    assert not list(run_dir.glob("*.tmp"))
-
-    model = AutoModelForSequenceClassification.from_pretrained(export).eval()
-    tok = AutoTokenizer.from_pretrained(export)
-    assert model.num_labels == 1
-    assert tok.pad_token_id is not None and tok.pad_token_id != tok.eos_token_id
-    assert model.config.pad_token_id == tok.pad_token_id
-
-    samples = read_jsonl(run_dir / "eval_scores.jsonl")
-    assert len(samples) >= 4
-    with torch.no_grad():
-        for s in samples:
-            ids = torch.tensor([s["input_ids"]])
-            plain = model(input_ids=ids).logits[0, 0].item()
-            assert plain == pytest.approx(s["score"], abs=1e-4)
-            # the text round-trips through the exported tokenizer to the same ids
-            assert tok(s["text"])["input_ids"] == s["input_ids"]
-    pipe = pipeline("text-classification", model=str(export), tokenizer=tok)
-    out = pipe([s["text"] for s in samples[:3]], top_k=None, function_to_apply="none")
-    for s, o in zip(samples[:3], out, strict=True):
-        assert o[0]["score"] == pytest.approx(s["score"], abs=1e-4)
+from transformers import AutoModelForSequenceClassification
 
 
 def check_run(run_dir: Path, steps: int) -> list[dict]:
@@ -138,7 +110,6 @@ def test_quickstart_default(tmp_path: Path) -> None:
 def check_run_plots(run_dir: Path) -> None:
     """A finished run's plots are real PNGs of the documented size, and its report embeds
     each one (by a relative link that resolves)."""
-    from test_eval_metrics import _png_size_and_variation
 
     from rmtrain.eval.plots import DPI, FIGSIZE
 
@@ -147,7 +118,7 @@ def check_run_plots(run_dir: Path) -> None:
     report = (run_dir / "report.md").read_text()
     for name in pngs:
         assert (run_dir / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-        shape, variation = _png_size_and_variation(run_dir / name)
+        shape, variation = png_size_and_variation(run_dir / name)
         assert shape[:2] == (FIGSIZE[1] * DPI, FIGSIZE[0] * DPI)  # rows = height
         assert variation > 0.01  # drawn, not a blank canvas
         assert f"]({name})" in report

@@ -11,8 +11,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import SHARED_DATA, make_export, read_jsonl, write_jsonl
-from test_eval_metrics import _load_upstream_rewardbench, _png_size_and_variation
+from conftest import (
+    SHARED_DATA,
+    load_upstream_rewardbench,
+    make_export,
+    png_size_and_variation,
+    read_jsonl,
+    write_jsonl,
+)
 
 from rmtrain.eval.run import main
 from rmtrain.toy.sample_data import generate_rows
@@ -72,7 +78,7 @@ def test_real_benchmark_files_give_per_subset_accuracy(
 
 
 def test_rewardbench_sections_equal_the_packages_computation(export, tmp_path, capsys) -> None:
-    constants, calculate_scores_per_section = _load_upstream_rewardbench()
+    constants, calculate_scores_per_section = load_upstream_rewardbench()
     rng = random.Random(0)
     words = ["rice", "bread", "tea", "soup", "salt", "water", "wait", "boil", "stir", "taste"]
     rows = []
@@ -135,7 +141,7 @@ def test_writes_pngs_and_a_report(export, tmp_path, capsys) -> None:
     figures = tmp_path / "eval" / "pku"
     report = (figures / "report.md").read_text()
     for png in ("histograms.png", "reliability.png", "categories.png"):
-        shape, variation = _png_size_and_variation(figures / png)
+        shape, variation = png_size_and_variation(figures / png)
         assert shape[:2] == (500, 800) and variation > 0.01, png
         assert f"]({png})" in report
 
@@ -145,7 +151,7 @@ def test_bad_row_is_one_clear_error(export, tmp_path, capsys) -> None:
     with pytest.raises(SystemExit) as exc:
         main(["--model", str(export), "--data", str(data), "--out", str(tmp_path)])
     assert exc.value.code == 2
-    assert f"{data}: line 1: field 'rejected'" in capsys.readouterr().err
+    assert f"{data}: row 1: field 'rejected': missing" in capsys.readouterr().err
 
 
 @pytest.mark.slow

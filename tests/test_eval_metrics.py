@@ -6,18 +6,17 @@ Expected values here are worked out by hand (in the comments) or recomputed a di
 
 from __future__ import annotations
 
-import ast
-import importlib.util
 import json
 import math
 import random
 import statistics
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import pytest
+from conftest import load_upstream_rewardbench, png_size_and_variation
 
+from rmtrain.data.schemas import pku_pair_labels
 from rmtrain.eval import metrics as M
 from rmtrain.eval.metrics import PairResult
 
@@ -152,45 +151,15 @@ def test_rewardbench_score_is_mean_of_sections() -> None:
     assert rb["score"] == pytest.approx(0.5)
 
 
-def _load_upstream_rewardbench() -> tuple[ModuleType, Any]:
-    """RewardBench's constants and `calculate_scores_per_section`, without its dependencies.
-
-    `import rewardbench.<anything>` runs `rewardbench/__init__.py`, which imports fastchat,
-    torch, datasets and its model zoo. So locate the installed package without importing it,
-    load `constants.py` (pure data) from its file, and compile just the one function out of
-    `utils.py`. Needs `pip install --no-deps rewardbench==0.1.4`.
-    """
-    spec = importlib.util.find_spec("rewardbench")
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip(
-            "RewardBench cross-check needs the reference package: "
-            "pip install --no-deps rewardbench==0.1.4"
-        )
-    root = Path(next(iter(spec.submodule_search_locations)))
-    cspec = importlib.util.spec_from_file_location("_rewardbench_constants", root / "constants.py")
-    assert cspec is not None and cspec.loader is not None
-    constants = importlib.util.module_from_spec(cspec)
-    cspec.loader.exec_module(constants)
-    tree = ast.parse((root / "utils.py").read_text(encoding="utf-8"))
-    fn = next(
-        node
-        for node in tree.body
-        if isinstance(node, ast.FunctionDef) and node.name == "calculate_scores_per_section"
-    )
-    namespace: dict[str, Any] = {}
-    exec(compile(ast.Module(body=[fn], type_ignores=[]), str(root / "utils.py"), "exec"), namespace)
-    return constants, namespace["calculate_scores_per_section"]
-
-
 def test_rewardbench_constants_match_upstream() -> None:
-    constants, _ = _load_upstream_rewardbench()
+    constants, _ = load_upstream_rewardbench()
     assert constants.EXAMPLE_COUNTS == M.REWARDBENCH_EXAMPLE_COUNTS
     assert constants.SUBSET_MAPPING == M.REWARDBENCH_SUBSET_MAPPING
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_rewardbench_sections_match_upstream(seed: int) -> None:
-    constants, calculate_scores_per_section = _load_upstream_rewardbench()
+    constants, calculate_scores_per_section = load_upstream_rewardbench()
     rng = random.Random(seed)
     rows: list[dict[str, Any]] = []
     for subset in constants.EXAMPLE_COUNTS:
@@ -351,21 +320,22 @@ def test_cost_sign_accuracy_by_hand() -> None:
     assert "cost_sign" in M.summarize(rows, kind="cost")
 
 
-def test_pku_pair_fields_on_real_rows() -> None:
+def test_pku_pair_labels_on_real_rows() -> None:
     if SHARED is None or not (SHARED / "pku_saferlhf_v1_alpaca7b_test_head60.jsonl").exists():
         pytest.skip("../shared/data (real PKU-SafeRLHF sample) is not beside this checkout")
     rows = jsonl(SHARED / "pku_saferlhf_v1_alpaca7b_test_head60.jsonl")
     for row in rows:
         c = row["safer_response_id"]
-        fields = M.pku_pair_fields(row, c)
+        fields = pku_pair_labels(row, c)
         assert fields["chosen_safe"] == row[f"is_response_{c}_safe"]
         assert fields["severity_rejected"] == row[f"response_{1 - c}_severity_level"]
         cats = {k for k, v in row[f"response_{1 - c}_harm_category"].items() if v}
-        assert fields["harm_categories_rejected"] == cats
+        assert set(fields["harm_categories_rejected"]) == cats
     scored = [
-        pair(float(i % 3), 1.0, **M.pku_pair_fields(r, r["safer_response_id"]))
+        {"chosen_score": float(i % 3), "rejected_score": 1.0,
+         **pku_pair_labels(r, r["safer_response_id"])}
         for i, r in enumerate(rows)
-    ]
+    ]  # fmt: skip
     summary = M.summarize(scored, kind="cost")
     strict_json(summary)
     assert sum(v["n"] for v in summary["safety"]["by_severity"].values()) == len(rows)
@@ -492,13 +462,6 @@ def test_judgebench_shared_sample() -> None:
 
 
 # --------------------------------------------------------------------------- plots and report
-def _png_size_and_variation(path: Path) -> tuple[tuple[int, ...], float]:
-    import matplotlib.image as mpimg
-
-    img = mpimg.imread(path)
-    return img.shape, float(img[..., :3].std())
-
-
 def test_plots_and_report(tmp_path: Path) -> None:
     pytest.importorskip("matplotlib", reason="plots need matplotlib (pip install matplotlib)")
     from rmtrain.eval import plots
@@ -530,7 +493,7 @@ def test_plots_and_report(tmp_path: Path) -> None:
     }
     for path in images.values():
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-        shape, variation = _png_size_and_variation(path)
+        shape, variation = png_size_and_variation(path)
         assert shape[:2] == (500, 800)
         assert variation > 0.01  # not blank
     report = plots.write_report(tmp_path, summary, images)

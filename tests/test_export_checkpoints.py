@@ -10,8 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import SMALL, check_ok, cli_env, run_train
-from safetensors.torch import load_file
+from conftest import SMALL, check_ok, cli_env, export_weights, run_train
 
 CASES = [  # (precision, ZeRO stage, ranks)
     ("bf16", 3, 2),
@@ -19,13 +18,6 @@ CASES = [  # (precision, ZeRO stage, ranks)
     ("fp32", 1, 2),
     ("fp32", 0, 1),
 ]
-
-
-def _weights(export: Path) -> dict[str, torch.Tensor]:
-    out: dict[str, torch.Tensor] = {}
-    for shard in sorted(export.glob("*.safetensors")):
-        out.update(load_file(shard))
-    return out
 
 
 @pytest.mark.slow
@@ -44,7 +36,7 @@ def test_export_of_checkpoint_equals_training_export(
         env=cli_env(), capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
-    trained, exported = _weights(run_dir / "export"), _weights(out)
+    trained, exported = export_weights(run_dir / "export"), export_weights(out)
     assert trained.keys() == exported.keys()
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     for name, tensor in trained.items():

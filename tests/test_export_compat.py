@@ -167,7 +167,7 @@ def legacy(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 
 @pytest.mark.parametrize("template", ["safe_rlhf", "chat"])
 def test_seed002_snippet_in_legacy_transformers(legacy: dict[str, Any], template: str) -> None:
-    from rmtrain.score import Scorer
+    from rmtrain.scoring import Scorer
 
     assert legacy["version"] == LEGACY_TRANSFORMERS
     scorer = Scorer(legacy["exports"][template])

@@ -29,10 +29,10 @@ from conftest import (
 
 from rmtrain.config import FORMATS, DataConfig, SourceConfig
 from rmtrain.data.assemble import carve, load_run_data, mix
-from rmtrain.data.errors import DataError
 from rmtrain.data.formats import implicit_split, resolve
 from rmtrain.data.pairs import build_pairs
 from rmtrain.data.sources import load_rows
+from rmtrain.errors import DataError
 from rmtrain.toy.sample_data import generate_rows
 from rmtrain.toy.tokenizer import build_tiny_tokenizer
 
@@ -176,7 +176,7 @@ def test_hh_multi_turn_transcript_and_ultrafeedback_margin(tmp_path: Path, tok: 
     pairs = _pairs(write_jsonl(tmp_path / "hh.jsonl", [hh, hh]), tok)
     text = tok.decode(pairs[0]["chosen_input_ids"], skip_special_tokens=False)
     assert "USER: Hi ASSISTANT:Hello!</s>USER: Bread? ASSISTANT:Knead it.</s>" in text
-    assert pairs.num_rows == 2
+    assert len(pairs) == 2
     uf = write_format(tmp_path / "uf.jsonl", "ultrafeedback", generate_rows(3, 0))
     assert _pairs(uf, tok)["margin"] == [0.0] * 3
     assert _pairs(uf, tok, margin_from_scores=True)["margin"] == [4.5] * 3
@@ -191,6 +191,64 @@ def test_pku_safety_labels_needed_only_for_safer(tmp_path: Path, tok: Any) -> No
         _pairs(path, tok, preference="safer")
 
 
+def test_score_and_eval_read_every_training_format_as_training_does(tmp_path: Path) -> None:
+    """The same pairs written in every format: `rmtrain eval` gives identical per-pair scores
+    and accuracies, `rmtrain score` identical chosen/rejected scores, and both score the token
+    ids training makes of the rows."""
+    from conftest import make_export
+
+    from rmtrain.eval.run import evaluate_file
+    from rmtrain.score import main as score_main
+    from rmtrain.scoring import Scorer
+
+    export = make_export(tmp_path / "export", "safe_rlhf", seed=3)
+    scorer = Scorer(export, batch_size=5)
+    rows = generate_rows(12, 5)
+    results: dict[str, tuple[dict[str, Any], list[float], list[list[float]]]] = {}
+    for fmt in FORMATS[1:]:
+        path = write_format(tmp_path / f"{fmt}.jsonl", fmt, rows)
+        summary, records = evaluate_file(scorer, path)
+        # (RM-Bench's accuracies are over its 3 same-style pairs per row)
+        assert summary["format"] == fmt and summary["n_pairs"] == 12 * (
+            3 if fmt == "rmbench" else 1
+        )
+        if fmt == "rmbench":  # the same-style (diagonal) comparisons are the plain pairs
+            flat = [s for r in records for s in (r["chosen_scores"][0], r["rejected_scores"][0])]
+        else:
+            flat = [s for r in records for s in (r["chosen_score"], r["rejected_score"])]
+        out = tmp_path / f"{fmt}.scored.jsonl"
+        with pytest.raises(SystemExit) as exit_code:
+            score_main(["--model", str(export), "--input", str(path), "--output", str(out),
+                        "--no-progress"])  # fmt: skip
+            raise SystemExit(0)
+        assert exit_code.value.code == 0
+        scored = [json.loads(line) for line in out.read_text().splitlines()]
+        per_row = [
+            [r["chosen_scores"][0], r["rejected_scores"][0]]
+            if fmt == "rmbench"
+            else [r["chosen_score"], r["rejected_score"]]
+            for r in scored
+        ]
+        results[fmt] = (summary["overall"], flat, per_row)
+    # training's own pairs of the same rows, scored by the same model: the reference
+    train_cfg = DataConfig(path=str(tmp_path / "pku_saferlhf.jsonl"), max_length=512)
+    pairs, _ = build_pairs(load_rows(train_cfg, "train"), train_cfg, scorer.tokenizer)
+    reference = scorer.score_sequences(pairs.sequences(range(len(pairs))))
+    reference = [x for c, r in zip(reference[: len(pairs)], reference[len(pairs) :],
+                                   strict=True) for x in (c, r)]  # fmt: skip
+    # standard_implicit's prompt is the common prefix cut at a word boundary: the same text
+    # where the two responses differ in their first word
+    exact = [i for i, r in enumerate(rows) if _sides(r)[1].split()[0] != _sides(r)[2].split()[0]]
+    assert len(exact) >= 4
+    for fmt, (overall, flat, per_row) in results.items():
+        keep = exact if fmt == "standard_implicit" else range(len(rows))
+        want = [reference[2 * i + k] for i in keep for k in (0, 1)]
+        assert [flat[2 * i + k] for i in keep for k in (0, 1)] == pytest.approx(want, abs=1e-6)
+        assert [per_row[i][k] for i in keep for k in (0, 1)] == pytest.approx(want, abs=1e-6)
+        if fmt not in ("rmbench", "standard_implicit"):
+            assert overall == results["pku_saferlhf"][0], fmt
+
+
 # --------------------------------------------------------------------------- errors
 
 
@@ -201,8 +259,8 @@ def _bad_cells() -> list[tuple[str, str, Any, str, list[str]]]:
         ("pku_saferlhf", "is_response_1_safe", "true", "expected bool, got str 'true'",
          ["data.preference=safer"]),
         ("ultrafeedback", "score_chosen", "8", "expected a finite number, got '8'", []),
-        ("conversational", "prompt", "Hi", "expected a non-empty list of {role, content} "
-         "messages, got 'Hi'", []),
+        ("conversational", "prompt", [{"role": "user"}], "item 0: content must be a string, "
+         "got None", []),
         ("conversational_implicit", "chosen", [{"role": "bot", "content": "x"}],
          "item 0: role must be one of system, user, assistant, got 'bot'", []),
         ("rmbench", "chosen", "one answer", "expected a non-empty list of response texts, got "

@@ -9,12 +9,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import SMALL, check_ok, read_metrics, run_train
+from conftest import SMALL, check_export, check_ok, export_weights, read_metrics, run_train
 from peft import LoraConfig, get_peft_model
-from safetensors.torch import load_file
 
 from rmtrain.arch import VERIFIED
-from rmtrain.config import TOY_MODEL_TYPES, ConfigError, LoRAConfig, ModelConfig, ToyConfig
+from rmtrain.config import TOY_MODEL_TYPES, LoRAConfig, ModelConfig, ToyConfig
+from rmtrain.errors import ConfigError
 from rmtrain.hf import build_score_model, load_tokenizer, lora_targets, merge_lora
 
 LORA = ["model.lora.enabled=true", "model.lora.r=8", "model.lora.alpha=16"]
@@ -50,8 +50,11 @@ def test_merge_equals_peft_merge_and_unload(model_type: str) -> None:
 def test_unknown_target_module_is_one_clear_error() -> None:
     cfg = ModelConfig(name_or_path="tiny", toy=ToyConfig(model_type="phi3"))
     model = build_score_model(cfg, load_tokenizer(cfg), torch.float32)
-    with pytest.raises(ConfigError, match=r"q_proj, k_proj, v_proj not in this phi3 backbone; "
-                       r"its linear layers: down_proj, gate_up_proj, o_proj, qkv_proj"):
+    with pytest.raises(
+        ConfigError,
+        match=r"q_proj, k_proj, v_proj not in this phi3 backbone; "
+        r"its linear layers: down_proj, gate_up_proj, o_proj, qkv_proj",
+    ):
         lora_targets(model, LoRAConfig(enabled=True, target_modules=["q_proj", "k_proj",
                                                                        "v_proj"]))  # fmt: skip
 
@@ -67,7 +70,6 @@ def _train(run_dir: Path, nproc: int, extra: list[str]) -> None:
 def test_lora_learns_and_exports_a_plain_model(tmp_path: Path, stage: int, nproc: int) -> None:
     """ZeRO-2 here; 2-rank ZeRO-3 LoRA trains, exports and resumes exactly in
     test_resume.test_lora_sigkill_then_resume_matches_uninterrupted_run."""
-    from test_e2e import check_export
 
     run_dir = tmp_path / "run"
     _train(run_dir, nproc, [f"deepspeed=zero{stage}", "trainer.save_every=12",
@@ -89,12 +91,7 @@ def test_lora_learns_and_exports_a_plain_model(tmp_path: Path, stage: int, nproc
     from rmtrain.export import export_checkpoint
 
     out = export_checkpoint(run_dir, tmp_path / "from_ckpt")
-    merged = {}
-    for shard in sorted((run_dir / "export").glob("*.safetensors")):
-        merged.update(load_file(shard))
-    again = {}
-    for shard in sorted(out.glob("*.safetensors")):
-        again.update(load_file(shard))
+    merged, again = export_weights(run_dir / "export"), export_weights(out)
     assert merged.keys() == again.keys()
     for key in merged:
         torch.testing.assert_close(again[key], merged[key], rtol=1e-5, atol=1e-5, msg=key)

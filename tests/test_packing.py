@@ -2,22 +2,19 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForSequenceClassification
 from transformers.masking_utils import create_causal_mask
 
+from rmtrain.batching import token_budget_batches, token_budget_steps
+from rmtrain.data.table import PairTable
 from rmtrain.packing import (
     pack_sequences,
     packed_forward,
     packed_scores,
     padded_scores,
     sequence_scores,
-    split_by_tokens,
-    token_budget_batches,
-    token_budget_steps,
 )
 
 IMPLS = ("sdpa", "eager")
@@ -55,34 +52,33 @@ def random_seqs(lengths: tuple[int, ...] = LENGTHS, seed: int = 1) -> list[list[
 def test_pack_one_row_layout() -> None:
     seqs = [[5, 6, 7], [8], [9, 10]]
     p = pack_sequences(seqs)
-    assert p["input_ids"].tolist() == [[5, 6, 7, 8, 9, 10]]
-    assert p["position_ids"].tolist() == [[0, 1, 2, 0, 0, 1]]
-    assert p["seq_starts"].tolist() == [0, 3, 4]
-    assert p["end_index"].tolist() == [2, 3, 5]
-    assert p["seq_row"].tolist() == [0, 0, 0]
-    assert p["cu_seqlens"].tolist() == [0, 3, 4, 6]
-    assert p["max_seqlen"] == 3 and p["num_real_tokens"] == 6
-    assert p["real_mask"].all()
+    assert p.packed and p.attention_mask is None and p.position_ids is not None
+    assert p.input_ids.tolist() == [[5, 6, 7, 8, 9, 10]]
+    assert p.position_ids.tolist() == [[0, 1, 2, 0, 0, 1]]
+    assert p.seq_start.tolist() == [0, 3, 4]
+    assert p.seq_end.tolist() == [2, 3, 5]
+    assert p.seq_row.tolist() == [0, 0, 0]
+    assert p.real_tokens == 6 == p.fed_tokens
 
 
 def test_pack_rows_first_fit_decreasing_and_padding() -> None:
     seqs = [[1] * 5, [2] * 3, [3] * 4, [4] * 2]
     p = pack_sequences(seqs, max_row_tokens=7, pad_token_id=0, pad_to_multiple_of=4)
     # FFD with capacity 7: [5, 2] and [4, 3]; width 7 rounded up to 8.
-    assert p["input_ids"].shape == (2, 8)
-    assert p["seq_row"].tolist() == [0, 1, 1, 0]
+    assert p.input_ids.shape == (2, 8) and p.position_ids is not None
+    assert p.seq_row.tolist() == [0, 1, 1, 0]
     for i, s in enumerate(seqs):
-        r, st, n = (int(p[k][i]) for k in ("seq_row", "seq_starts", "seq_lens"))
-        assert p["input_ids"][r, st : st + n].tolist() == s
-        assert p["position_ids"][r, st : st + n].tolist() == list(range(n))
-        assert int(p["end_index"][i]) == st + n - 1
+        r, st, n = (int(x[i]) for x in (p.seq_row, p.seq_start, p.seq_len))
+        assert p.input_ids[r, st : st + n].tolist() == s
+        assert p.position_ids[r, st : st + n].tolist() == list(range(n))
+        assert int(p.seq_end[i]) == st + n - 1
     # Padding tails restart at 0 (their own segment) and are not real tokens.
-    assert p["position_ids"][0].tolist() == [0, 1, 2, 3, 4, 0, 1, 0]
-    assert p["real_mask"].sum().item() == 14 == p["num_real_tokens"]
-    assert p["cu_seqlens"].tolist() == [0, 5, 7, 8, 11, 15, 16]
+    assert p.position_ids[0].tolist() == [0, 1, 2, 3, 4, 0, 1, 0]
+    assert p.position_ids[1].tolist() == [0, 1, 2, 0, 1, 2, 3, 0]
+    assert p.real_tokens == 14 and p.fed_tokens == 16
     # A sequence longer than max_row_tokens gets a row of its own.
     q = pack_sequences([[1] * 9, [2] * 2], max_row_tokens=4)
-    assert q["input_ids"].shape == (2, 9) and q["seq_row"].tolist() == [0, 1]
+    assert q.input_ids.shape == (2, 9) and q.seq_row.tolist() == [0, 1]
 
 
 def test_pack_rejects_empty() -> None:
@@ -100,13 +96,13 @@ def test_pack_rejects_empty() -> None:
 def test_transformers_builds_block_diagonal_causal_mask(impl: str) -> None:
     model = tiny_model(impl)
     p = pack_sequences([[1, 2, 3], [4, 5], [6, 7, 8, 9]], max_row_tokens=None)
-    embeds = model.model.embed_tokens(p["input_ids"])
+    embeds = model.model.embed_tokens(p.input_ids)
     mask = create_causal_mask(
         config=model.config,
         inputs_embeds=embeds,
         attention_mask=None,
         past_key_values=None,
-        position_ids=p["position_ids"],
+        position_ids=p.position_ids,
     )
     assert isinstance(mask, torch.Tensor)
     allowed = mask[0, 0] if mask.dtype == torch.bool else mask[0, 0] == 0
@@ -125,11 +121,11 @@ def test_packing_needs_no_cache_and_no_attention_mask(impl: str) -> None:
     p = pack_sequences(seqs)
     with torch.no_grad():
         good = packed_forward(model.model, p)
-        cached = model.model(input_ids=p["input_ids"], position_ids=p["position_ids"])
+        cached = model.model(input_ids=p.input_ids, position_ids=p.position_ids)
         ones = model.model(
-            input_ids=p["input_ids"],
-            position_ids=p["position_ids"],
-            attention_mask=torch.ones_like(p["input_ids"]),
+            input_ids=p.input_ids,
+            position_ids=p.position_ids,
+            attention_mask=torch.ones_like(p.input_ids),
             use_cache=False,
         )
         alone = model.model(input_ids=torch.tensor([seqs[1]]), use_cache=False)
@@ -159,7 +155,7 @@ def test_packed_scores_equal_padded(impl: str, max_row_tokens: int | None) -> No
     seqs = random_seqs()
     packed = pack_sequences(seqs, max_row_tokens=max_row_tokens)
     if max_row_tokens is not None:
-        assert packed["input_ids"].size(0) > 1
+        assert packed.input_ids.size(0) > 1
     got = packed_scores(model, packed)
     ref = padded_scores(model, seqs)
     assert got.end_scores.shape == (len(seqs), 1)
@@ -245,70 +241,23 @@ def test_token_budget_steps_same_count_and_exact_weights(world: int, accum: int)
     assert sorted(seen) == list(range(len(lengths)))
 
 
-def test_split_by_tokens_balances() -> None:
-    lengths = pair_lengths(64)
-    groups = split_by_tokens(range(64), lengths, 4)
-    assert sorted(i for g in groups for i in g) == list(range(64))
-    loads = [sum(lengths[i] for i in g) for g in groups]
-    assert max(loads) - min(loads) <= max(lengths)
-
-
 # ---------------------------------------------------------------------------------------------
 # the trainer's packed path (trainer.packing): same scores, losses and gradients as padded
 
 
-class _Engine:
-    """What Trainer._forward needs of rmtrain.engine.Engine, without DeepSpeed."""
-
-    def __init__(self, model: torch.nn.Module) -> None:
-        self.module = model
-
-    def forward(self, **batch: torch.Tensor) -> object:
-        return self.module(**batch)
-
-
-def _pairs(n: int = 6, seed: int = 3) -> object:
-    import datasets
-
+def _table(n: int = 6, seed: int = 3) -> PairTable:
     gen = torch.Generator().manual_seed(seed)
     lens = torch.randint(3, 40, (2 * n,), generator=gen).tolist()
     seqs = [torch.randint(1, 1024, (k,), generator=gen).tolist() for k in lens]
-    return datasets.Dataset.from_dict(
-        {
-            "chosen_input_ids": seqs[:n],
-            "rejected_input_ids": seqs[n:],
-            "chosen_unsafe": [i % 2 == 0 for i in range(n)],
-            "rejected_unsafe": [i % 3 != 0 for i in range(n)],
-            "margin": [0.0] * n,
-        }
-    ).select([5, 0, 3, 1, 4, 2])  # an indices mapping, as after shuffle/filter
-
-
-def _trainer(packing: bool, loss: str, objective: str, impl: str) -> object:
-    import functools
-
-    from rmtrain.batching import BatchPlan
-    from rmtrain.config import to_config
-    from rmtrain.data.collate import collate_pairs
-    from rmtrain.model import LlamaScoreModel
-    from rmtrain.trainer import Trainer
-
-    cfg = to_config(
-        {
-            "model": {"name_or_path": "tiny", "attn_implementation": impl},
-            "data": {"preference": "safer" if objective == "cost" else "better"},
-            "loss": {"name": loss, "score_reg": 0.01},
-            "objective": objective,
-            "trainer": {"packing": packing},
-        }
-    )
-    model = tiny_model(impl)
-    score_model = LlamaScoreModel(model.config)
-    score_model.load_state_dict(model.state_dict())
-    pairs = _pairs()
-    collate = functools.partial(collate_pairs, pad_token_id=0, padding_side="left")
-    plan = BatchPlan(len(pairs), 6, 1, 1, 0, seed=0)
-    return Trainer(cfg, _Engine(score_model), plan, pairs, pairs, collate, None)  # type: ignore[arg-type]
+    labels = {
+        "chosen_unsafe": [i % 2 == 0 for i in range(n)],
+        "rejected_unsafe": [i % 3 != 0 for i in range(n)],
+        "chosen_severity": [-1] * n,
+        "rejected_severity": [-1] * n,
+        "margin": [0.1 * i for i in range(n)],
+    }
+    table = PairTable.from_lists(seqs[:n], seqs[n:], labels, ["{}"] * n)
+    return table.select([5, 0, 3, 1, 4, 2])  # a selection, as after mixing / shuffling
 
 
 @pytest.mark.parametrize(
@@ -321,24 +270,38 @@ def _trainer(packing: bool, loss: str, objective: str, impl: str) -> object:
         ("margin", "cost", "sdpa"),
     ],
 )
-def test_trainer_packed_forward_equals_padded(loss: str, objective: str, impl: str) -> None:
-    from rmtrain.batching import MicroBatch
+def test_packed_batch_gives_the_padded_losses_and_gradients(
+    loss: str, objective: str, impl: str
+) -> None:
+    """The one batch path: collate straight from the pair table into packed rows gives the
+    scores, loss terms and gradients of left-padded rows (token-wise loss included)."""
+    from rmtrain.batch import Layout, collate, pair_scores
+    from rmtrain.config import LossConfig
+    from rmtrain.losses import PairLoss
+    from rmtrain.model import LlamaScoreModel
 
+    table = _table()
     got: dict[bool, tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]] = {}
-    for packing in (False, True):
-        trainer: Any = _trainer(packing, loss, objective, impl)
-        batch, scores = trainer._forward(trainer.train_pairs, MicroBatch([0, 2, 3, 5], [1.0] * 4))
+    for packed in (False, True):
+        model = tiny_model(impl)
+        score_model = LlamaScoreModel(model.config)
+        score_model.load_state_dict(model.state_dict())
+        layout = Layout(packed=packed, pad_token_id=0, padding_side="left", token_cost=64.0)
+        pair_loss = PairLoss(LossConfig(name=loss, score_reg=0.01), objective, per_pair_margin=True)
+        batch = collate(table, [0, 2, 3, 5], layout)
+        assert batch.rows.packed == packed
+        out = score_model(**batch.rows.model_inputs())
+        scores = pair_scores(batch, out, pair_loss.needs_token_scores)
         assert (scores.tokens is not None) == (loss == "bt_tokenwise")
-        total, terms = trainer._loss(batch, scores)
+        total, terms = pair_loss(scores, batch.labels)
         total.sum().backward()
-        model = trainer.engine.module
         values = {"total": total.detach(), "chosen": scores.chosen, "rejected": scores.rejected}
         values |= {k: v.detach() for k, v in terms.items()}
-        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-        got[packing] = (values, grads)
-        tokens = int(batch["attention_mask"].sum())
-        fed = int(batch["fed_tokens"])
-        assert fed >= tokens and (fed < 1.2 * tokens if packing else True)
+        grads = {n: p.grad.clone() for n, p in score_model.named_parameters() if p.grad is not None}
+        got[packed] = (values, grads)
+        assert batch.rows.real_tokens == sum(len(s) for s in table.sequences([0, 2, 3, 5]))
+        fed = batch.rows.fed_tokens
+        assert fed >= batch.rows.real_tokens and (fed < 1.2 * batch.rows.real_tokens or not packed)
     (pv, pg), (qv, qg) = got[True], got[False]
     assert pv.keys() == qv.keys() and pg.keys() == qg.keys()
     for k in pv:
@@ -347,24 +310,19 @@ def test_trainer_packed_forward_equals_padded(loss: str, objective: str, impl: s
         assert torch.allclose(pg[k], qg[k], atol=1e-5, rtol=1e-4), k
 
 
-def test_pair_table_rows_equal_dataset_rows() -> None:
-    from rmtrain.trainer import PairTable
-
-    pairs: Any = _pairs()
-    table = PairTable(pairs)
-    assert table.rows([4, 1]) == [pairs[4], pairs[1]]
-
-
-def test_unpack_gives_right_padded_views() -> None:
-    from rmtrain.packing import balanced_row_tokens, unpack, unpack_index
+def test_per_sequence_views_of_packed_and_padded_rows() -> None:
+    from rmtrain.packing import balanced_row_tokens, pad_sequences
 
     seqs = random_seqs()
-    packed = pack_sequences(seqs, balanced_row_tokens([len(s) for s in seqs]))
-    index, mask = unpack_index(packed)
-    ids = unpack(packed["input_ids"], index, mask)
-    for i, s in enumerate(seqs):
-        assert ids[i, : len(s)].tolist() == s and not ids[i, len(s) :].any()
-    assert mask.sum(-1).tolist() == [len(s) for s in seqs]
+    for rows in (
+        pack_sequences(seqs, balanced_row_tokens([len(s) for s in seqs])),
+        pad_sequences(seqs, 0, "left"),
+        pad_sequences(seqs, 0, "right"),
+    ):
+        ids, mask = rows.per_sequence(rows.input_ids)
+        for i, s in enumerate(seqs):
+            assert ids[i, : len(s)].tolist() == s and not ids[i, len(s) :].any()
+        assert mask.sum(-1).tolist() == [len(s) for s in seqs]
 
 
 def test_balanced_rows_are_nearly_full() -> None:
@@ -374,6 +332,6 @@ def test_balanced_rows_are_nearly_full() -> None:
     lens = (torch.exp(4.86 + 0.5 * torch.randn(32, generator=gen))).round().clamp(46, 454)
     lengths = lens.long().tolist()
     width = balanced_row_tokens(lengths)
-    packed = pack_sequences([[1] * n for n in lengths], width)
+    rows = pack_sequences([[1] * n for n in lengths], width)
     assert width >= max(lengths)
-    assert packed["num_real_tokens"] / packed["input_ids"].numel() > 0.9
+    assert rows.real_tokens / rows.fed_tokens > 0.9

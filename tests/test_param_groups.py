@@ -8,8 +8,8 @@ import pytest
 import torch
 from conftest import tiny_score_config
 
-from rmtrain.engine import param_groups
 from rmtrain.model import LlamaScoreModel
+from rmtrain.optim import param_groups
 
 
 def _names(model: LlamaScoreModel, group: dict) -> set[str]:
@@ -46,7 +46,7 @@ def test_cosine_schedule_equals_transformers(warmup: int, total: int, min_ratio:
     transformers' get_cosine_with_min_lr_schedule_with_warmup at every step."""
     from transformers.optimization import get_cosine_with_min_lr_schedule_with_warmup
 
-    from rmtrain.engine import cosine_schedule
+    from rmtrain.optim import cosine_schedule
 
     def lrs(make: Any) -> list[float]:
         opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.5)

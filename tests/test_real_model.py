@@ -21,7 +21,7 @@ from rmtrain.config import DataConfig, ModelConfig
 from rmtrain.data.pairs import build_pairs
 from rmtrain.data.sources import load_rows
 from rmtrain.model import AutoModelForScore
-from rmtrain.score import Scorer
+from rmtrain.scoring import Scorer
 from rmtrain.text import format_text, use_template
 from rmtrain.toy.sample_data import generate_rows
 
@@ -138,14 +138,15 @@ def test_gemma_convention_on_the_real_gemma3_tokenizer(gemma3: Path) -> None:
     """The toy Gemma convention (tests/conventions.py) against the real tokenizer given the
     published gemma-3-it template: the same text rule and ids == apply_chat_template."""
     from conventions import GEMMA3_TEMPLATE
-    from test_text_conventions import GEMMA_TEXT
 
     tok = hf.load_tokenizer(ModelConfig(name_or_path=str(gemma3)))
     tok.chat_template = GEMMA3_TEMPLATE
     use_template(tok, "chat")
     chat = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]
     text = format_text(tok, "chat", "Hi", "Hello!")
-    assert text == GEMMA_TEXT
+    assert text == (  # as tests/test_text_conventions.py's toy Gemma tokenizer gives it
+        "<start_of_turn>user\nHi<end_of_turn>\n<start_of_turn>model\nHello!<end_of_turn>\n<eos>"
+    )
     ids = tok(text)["input_ids"]
     assert ids == tok.apply_chat_template(chat, tokenize=True, return_dict=True)["input_ids"]
     assert ids[0] == 2 and ids.count(2) == 1 and ids[-1] == 1  # <bos> once, read at <eos>

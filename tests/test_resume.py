@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -12,8 +13,17 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO, SMALL, check_ok, cli_env, read_metrics, run_train, train_in_process
-from safetensors.torch import load_file
+from conftest import (
+    REPO,
+    SMALL,
+    assert_same_weights,
+    check_export,
+    check_ok,
+    cli_env,
+    read_metrics,
+    run_train,
+    train_in_process,
+)
 
 from rmtrain.checkpoint import MARKER, find_resume_point
 
@@ -32,21 +42,6 @@ ZERO3_2RANKS = [
 def losses(run_dir: Path) -> dict[int, float]:
     """Loss per step; after a resume the re-run steps overwrite the killed run's lines."""
     return {r["step"]: r["train/loss"] for r in read_metrics(run_dir) if "train/loss" in r}
-
-
-def weights(export: Path) -> dict:
-    out: dict = {}
-    for shard in sorted(export.glob("*.safetensors")):
-        out.update(load_file(shard))
-    return out
-
-
-def assert_same_weights(a: Path, b: Path, atol: float = 0.0) -> None:
-    wa, wb = weights(a), weights(b)
-    assert wa.keys() == wb.keys()
-    for k in wa:
-        diff = (wa[k].float() - wb[k].float()).abs().max().item()
-        assert diff <= atol, f"{k}: max abs diff {diff}"
 
 
 @pytest.fixture(scope="module")
@@ -79,10 +74,12 @@ def kill_then_resume(overrides: list[str], run_dir: Path, kill_from: int, steps:
                 break
             time.sleep(0.2)
         assert proc.poll() is None, "the run ended before it could be killed"
-        os.killpg(proc.pid, signal.SIGKILL)  # launcher and both ranks, mid-training
-        proc.wait(timeout=30)
     finally:
-        subprocess.run(["pkill", "-9", "-f", f"output_dir={run_dir}"], check=False)
+        # The launcher and both ranks are the session's process group: SIGKILL all of them at
+        # once, mid-training (or whatever is left of them if the run ended early).
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
     killed_at = max(losses(run_dir))
     assert kill_from <= killed_at < steps
     assert not (run_dir / "export").exists()
@@ -114,7 +111,6 @@ def test_lora_sigkill_then_resume_matches_uninterrupted_run(tmp_path: Path) -> N
     lora = [*ZERO3_2RANKS, "model.lora.enabled=true", "model.lora.r=8", "model.lora.alpha=16"]
     reference = tmp_path / "reference"
     check_ok(run_train([*lora, f"output_dir={reference}"], nproc=2))
-    from test_e2e import check_export
 
     check_export(reference)  # a merged plain model that scores what the LoRA model scored
     run_dir = tmp_path / "killed"

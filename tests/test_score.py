@@ -130,8 +130,8 @@ def test_bad_row_is_one_clear_error_and_leaves_no_output(export, tmp_path, capsy
     assert exc.value.code == 2
     err = capsys.readouterr().err
     assert err.strip().splitlines() == [
-        f"rmtrain score: error: {bad}: line 3: field 'response': missing "
-        "(a row needs prompt+response, messages, or prompt+chosen+rejected)"
+        f"rmtrain score: error: {bad}: row 3: field 'response': missing "
+        "(a row needs prompt+response, messages, or a preference pair)"
     ]
     assert list(out_dir.iterdir()) == []  # nothing half-written
 
@@ -150,7 +150,7 @@ def test_bad_rows_name_the_field(export, tmp_path, capsys, row, field) -> None:
     with pytest.raises(SystemExit) as exc:
         main(["--model", str(export), "--input", str(bad), "--output", str(tmp_path / "o.jsonl")])
     assert exc.value.code == 2
-    assert f"{bad}: line 3: field '{field}'" in capsys.readouterr().err
+    assert f"{bad}: row 3: field '{field}'" in capsys.readouterr().err
     assert not (tmp_path / "o.jsonl").exists()
 
 

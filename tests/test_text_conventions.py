@@ -27,12 +27,11 @@ from conventions import save_tiny_model
 from rmtrain import hf
 from rmtrain.card import write_export
 from rmtrain.config import DataConfig, ModelConfig
-from rmtrain.data.collate import truncate_keep_eos
-from rmtrain.data.pairs import DataStats, build_pairs
+from rmtrain.data.pairs import DataStats, build_pairs, truncate_keep_eos
 from rmtrain.data.sources import load_rows
 from rmtrain.model import AutoModelForScore
 from rmtrain.record import RunRecord
-from rmtrain.score import Scorer
+from rmtrain.scoring import Scorer
 from rmtrain.text import TextError, format_text, use_template
 from rmtrain.toy.sample_data import generate_rows
 

@@ -1,10 +1,12 @@
-"""Preference data: rows from a source, validated by a schema adapter, made into tokenized pairs.
+"""Preference data: rows from a source, validated by a format adapter, made into tokenized pairs.
 
 - :mod:`~rmtrain.data.sources`: where rows come from (sample, file, directory, hub), via `datasets`
-- :mod:`~rmtrain.data.schemas`: validating rows and turning them into pairs, one adapter per layout
+- :mod:`~rmtrain.data.schemas`: row checks, the adapter base and PKU-SafeRLHF
+- :mod:`~rmtrain.data.formats`: every other format, detection, the registry (train, score, eval
+  and serve read rows only through it)
 - :mod:`~rmtrain.data.pairs`: rendering, tokenizing and truncating pairs; the counts of all that
-- :mod:`~rmtrain.data.collate`: padding and truncation rules, shared with `rmtrain score`
-- :mod:`~rmtrain.data.errors`: `DataError`, the one error a bad row raises
+- :mod:`~rmtrain.data.table`: tokenized pairs as flat arrays, what training and evaluation read
+- :mod:`~rmtrain.data.assemble`: a run's data (mixtures, eval splits, eval sets, health counts)
 
-Import from the submodules: `rmtrain score` needs only `collate`, without `datasets`.
+Import from the submodules.
 """

@@ -22,16 +22,17 @@ from typing import Any
 import datasets
 
 from rmtrain.config import DataConfig, SourceConfig
-from rmtrain.data.errors import DataError
-from rmtrain.data.pairs import PAIR_FEATURES, DataStats, build_pairs, pair_key
+from rmtrain.data.pairs import DataStats, build_pairs
 from rmtrain.data.sources import ROW_COL, SOURCE_COL, load_rows
+from rmtrain.data.table import PairTable
+from rmtrain.errors import DataError
 
 
 @dataclass
 class RunData:
-    train: datasets.Dataset
-    eval: datasets.Dataset
-    eval_sets: dict[str, datasets.Dataset] = field(default_factory=dict)
+    train: PairTable
+    eval: PairTable
+    eval_sets: dict[str, PairTable] = field(default_factory=dict)
     counts: dict[str, dict[str, int]] = field(default_factory=dict)
     """{"train": ..., "eval": ..., "train/<source>": ..., "eval/<set>": ...} (RunRecord.data)."""
     held_out: dict[str, Any] = field(default_factory=dict)
@@ -65,7 +66,7 @@ def carve(rows: datasets.Dataset, fraction: float, seed: int) -> tuple[datasets.
     return rows.select(keep), rows.select(sorted(held))
 
 
-def mix(pairs: datasets.Dataset, weight: float, seed: int, label: str) -> datasets.Dataset:
+def mix(pairs: PairTable, weight: float, seed: int, label: str) -> PairTable:
     """round(weight x n) pairs of a source: whole copies, then a seeded sample of the rest."""
     n = len(pairs)
     total = round(weight * n)
@@ -79,12 +80,6 @@ def _held_rows(rows: datasets.Dataset) -> dict[str, list[int]]:
     for source, row in zip(rows[SOURCE_COL], rows[ROW_COL], strict=True):
         out.setdefault(source, []).append(int(row))
     return out
-
-
-def _concat(parts: list[datasets.Dataset]) -> datasets.Dataset:
-    if not parts:
-        return datasets.Dataset.from_dict({k: [] for k in PAIR_FEATURES}, features=PAIR_FEATURES)
-    return parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
 
 
 def _sum(stats: list[DataStats]) -> DataStats:
@@ -106,7 +101,7 @@ def load_run_data(d: DataConfig, tokenizer: Any, objective: str, seed: int) -> R
             )
         mixture = [("", d, 1.0)]
 
-    out = RunData(datasets.Dataset.from_dict({}), datasets.Dataset.from_dict({}))
+    out = RunData(PairTable.empty(), PairTable.empty())
     train_parts, unweighted, eval_parts, train_stats, eval_stats = [], [], [], [], []
     held: dict[str, list[int]] = {}
     for label, scfg, weight in mixture:
@@ -125,10 +120,10 @@ def load_run_data(d: DataConfig, tokenizer: Any, objective: str, seed: int) -> R
             pairs = mixed
         train_parts.append(pairs)
         train_stats.append(stats)
-    out.train = _concat(train_parts)
+    out.train = PairTable.concat(train_parts)
     total = _sum(train_stats)
     if d.mixture:  # across sources too, before weighting repeats pairs on purpose
-        total.duplicates = _duplicates(_concat(unweighted))
+        total.duplicates = PairTable.concat(unweighted).duplicates()
     out.counts["train"] = total.as_dict()
     if d.mixture:
         out.counts["train"]["mixed"] = len(out.train)
@@ -140,7 +135,7 @@ def load_run_data(d: DataConfig, tokenizer: Any, objective: str, seed: int) -> R
             "split_seed": d.split_seed,
             "rows": held,
         }
-        out.eval = _concat(eval_parts)
+        out.eval = PairTable.concat(eval_parts)
         main_stats = _sum(eval_stats)
     else:
         if d.eval_path:
@@ -152,21 +147,19 @@ def load_run_data(d: DataConfig, tokenizer: Any, objective: str, seed: int) -> R
         out.eval, main_stats = build_pairs(
             load_rows(ecfg, ecfg.eval_split), ecfg, tokenizer, objective
         )
-    main_stats.duplicates = _duplicates(out.eval)
-    train_keys = {
-        pair_key(c, r)
-        for c, r in zip(out.train["chosen_input_ids"], out.train["rejected_input_ids"], strict=True)
-    }
-    main_stats.in_train = _overlap(out.eval, train_keys)
+    main_stats.duplicates = out.eval.duplicates()
+    train_keys = out.train.pair_hashes()
+    main_stats.in_train = out.eval.overlap(train_keys)
     out.counts["eval"] = main_stats.as_dict()
 
     for src in d.eval_sets:
         scfg = source_config(d, src)
         pairs, stats = build_pairs(load_rows(scfg, src.split), scfg, tokenizer, objective)
-        stats.in_train = _overlap(pairs, train_keys)
+        stats.in_train = pairs.overlap(train_keys)
         out.eval_sets[src.display()] = pairs
         out.counts[f"eval/{src.display()}"] = stats.as_dict()
 
+    _check_not_empty(d, out)
     for name, counts in out.counts.items():
         if counts.get("duplicates"):
             out.warnings.append(
@@ -181,19 +174,22 @@ def load_run_data(d: DataConfig, tokenizer: Any, objective: str, seed: int) -> R
     return out
 
 
-def _overlap(pairs: datasets.Dataset, train_keys: set[int]) -> int:
-    return sum(
-        pair_key(c, r) in train_keys
-        for c, r in zip(pairs["chosen_input_ids"], pairs["rejected_input_ids"], strict=True)
-    )
-
-
-def _duplicates(pairs: datasets.Dataset) -> int:
-    keys = [
-        pair_key(c, r)
-        for c, r in zip(pairs["chosen_input_ids"], pairs["rejected_input_ids"], strict=True)
-    ]
-    return len(keys) - len(set(keys))
+def _check_not_empty(d: DataConfig, data: RunData) -> None:
+    """A set left without pairs is one error naming its file, its rows and why they went."""
+    paths = {"train": d.path, "eval": d.eval_path or d.path}
+    paths.update({f"eval/{src.display()}": src.path for src in d.eval_sets})
+    sets = [("train", data.train), ("eval", data.eval)]
+    sets += [(f"eval/{name}", pairs) for name, pairs in data.eval_sets.items()]
+    for name, pairs in sets:
+        if len(pairs) == 0:
+            c = data.counts.get(name, {})
+            raise DataError(
+                f"{paths.get(name, d.path)}: no usable pairs left in {name} ({c.get('rows', 0)} "
+                f"rows; {c.get('identical_dropped', 0)} pairs identical after tokenization and "
+                f"truncation to data.max_length={d.max_length}, "
+                f"{c.get('inconsistent_skipped', 0)} inconsistent, "
+                f"{c.get('severity_filtered', 0)} below data.min_severity_gap)"
+            )
 
 
 def summary(counts: dict[str, dict[str, int]]) -> list[str]:

@@ -14,11 +14,10 @@ format.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any, ClassVar
 
 from rmtrain.config import FORMATS, DataConfig
-from rmtrain.data.errors import DataError, type_name
 from rmtrain.data.schemas import (
     Check,
     PkuSafeRLHF,
@@ -29,6 +28,7 @@ from rmtrain.data.schemas import (
     check_text,
     column_margins,
 )
+from rmtrain.errors import DataError, type_name, where
 from rmtrain.text import check_messages, check_turns, exchange
 
 Conversation = list[dict[str, str]]
@@ -92,6 +92,21 @@ def _clean(messages: list[dict[str, Any]]) -> Conversation:
     return [{"role": m["role"], "content": m["content"]} for m in messages]
 
 
+def check_prompt(v: Any) -> str | None:
+    """A prompt: a text (one user turn) or a list of turns."""
+    return check_text(v) if isinstance(v, str) else check_turns(v)
+
+
+def with_prompt(prompt: str | list[dict[str, Any]], side: list[dict[str, Any]]) -> Conversation:
+    """The conversation one side of a row scores: `side` as is when it is a whole conversation
+    (it opens with a user or system turn, as UltraFeedback's do), else the prompt's turns (a
+    text is one user turn) followed by `side`'s assistant turn(s)."""
+    if side[0]["role"] in ("user", "system"):
+        return _clean(side)
+    turns = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else _clean(prompt)
+    return turns + _clean(side)
+
+
 class _PairFormat(Schema):
     """A format without safety labels: each row gives one or more (chosen, rejected)
     conversations; data.margin_column works with every one of them."""
@@ -105,10 +120,11 @@ class _PairFormat(Schema):
         return None
 
     def pair_meta(self, cols: dict[str, list[Any]], i: int, k: int) -> dict[str, Any]:
-        """What evaluation groups the k-th pair of row i by: the row's subset / category."""
+        """What evaluation groups the k-th pair of row i by: the row's subset / category, and
+        its id where the file has one."""
         return {
             key: str(cols[key][i])
-            for key in ("subset", "category")
+            for key in ("subset", "category", "id")
             if key in cols and cols[key][i] is not None
         }
 
@@ -182,12 +198,14 @@ class StandardImplicit(_PairFormat):
 
 class Conversational(_PairFormat):
     """TRL conversational preference, explicit prompt: prompt, chosen, rejected message lists
-    (chosen/rejected hold the assistant turn)."""
+    (chosen/rejected hold the assistant turn). A text prompt is one user turn; a chosen /
+    rejected list that is a whole conversation (opening with a user or system turn) is taken as
+    is, as UltraFeedback-binarized rows without their score columns have them."""
 
     name = "conversational"
     required: ClassVar[tuple[str, ...]] = ("prompt", "chosen", "rejected")
     checks: ClassVar[dict[str, Check]] = {
-        "prompt": check_turns,
+        "prompt": check_prompt,
         "chosen": check_conversation,
         "rejected": check_conversation,
     }
@@ -200,8 +218,8 @@ class Conversational(_PairFormat):
     def conversations(
         self, cols: dict[str, list[Any]], i: int
     ) -> list[tuple[Conversation, Conversation]]:
-        p = _clean(cols["prompt"][i])
-        return [(p + _clean(cols["chosen"][i]), p + _clean(cols["rejected"][i]))]
+        p = cols["prompt"][i]
+        return [(with_prompt(p, cols["chosen"][i]), with_prompt(p, cols["rejected"][i]))]
 
 
 class ConversationalImplicit(_PairFormat):
@@ -264,14 +282,9 @@ class UltraFeedback(ConversationalImplicit):
     def conversations(
         self, cols: dict[str, list[Any]], i: int
     ) -> list[tuple[Conversation, Conversation]]:
-        prompt = [{"role": "user", "content": cols["prompt"][i]}]
-        c, r = _clean(cols["chosen"][i]), _clean(cols["rejected"][i])
         # Some exports keep only the assistant turn: the prompt column supplies the user turn.
-        if c[0]["role"] == "assistant":
-            c = prompt + c
-        if r[0]["role"] == "assistant":
-            r = prompt + r
-        return [(c, r)]
+        p = cols["prompt"][i]
+        return [(with_prompt(p, cols["chosen"][i]), with_prompt(p, cols["rejected"][i]))]
 
     def row_margin(self, cols: dict[str, list[Any]], i: int, cfg: DataConfig) -> float | None:
         if not cfg.margin_from_scores:
@@ -387,3 +400,22 @@ def resolve(
             "(set data.format to force one)"
         )
     return best
+
+
+def raw_pairs(
+    rows: Sequence[tuple[int, dict[str, Any]]], label: str, cfg: DataConfig, objective: str
+) -> tuple[RawPairs, Skipped]:
+    """The pairs of JSONL rows ((line, row) as `rmtrain.files.read_jsonl` gives them) of one
+    format: detected from the first row (or `cfg.format`), every row checked (a bad cell is a
+    DataError naming `label`, line and field), then the adapter's pairs. `rmtrain score` reads
+    pair rows through this, so it accepts exactly what training does."""
+    schema = resolve(cfg.format, label, rows[0][1], rows[0][1])
+    fields = schema.fields({k for _, row in rows for k in row}, cfg)
+    for line, row in rows:
+        if found := schema.row_problem(row, fields):
+            raise DataError(where(label, line, *found))
+    names = {k for _, row in rows for k in row}
+    cols: dict[str, list[Any]] = {k: [row.get(k) for _, row in rows] for k in names}
+    cols["_source"] = [label] * len(rows)
+    cols["_row"] = [line for line, _ in rows]
+    return schema.to_pairs(cols, cfg, objective)

@@ -15,11 +15,29 @@ from typing import Any
 import datasets
 
 from rmtrain.config import DataConfig
-from rmtrain.data.collate import truncate_keep_eos
-from rmtrain.data.errors import DataError, where
 from rmtrain.data.formats import resolve
+from rmtrain.data.schemas import RawPairs
 from rmtrain.data.sources import ROW_COL, SOURCE_COL
-from rmtrain.text import TextError, render, trained_template
+from rmtrain.data.table import LABELS, PairTable
+from rmtrain.errors import DataError, TextError, where
+from rmtrain.text import render, trained_template
+
+# The closing tail kept on truncation: EOS and at most this many tokens after it (ChatML's newline).
+_MAX_TAIL = 4
+
+
+def truncate_keep_eos(ids: list[int], max_length: int, eos_id: int) -> tuple[list[int], bool]:
+    """The one truncation rule (training, `rmtrain score`, `rmtrain eval`): cut from the right
+    keeping the closing tail (the last EOS and what follows it, e.g. ChatML's `<|im_end|>\n`),
+    so the read-out token survives truncation unchanged."""
+    if len(ids) <= max_length:
+        return ids, False
+    tail = [eos_id]
+    for k in range(1, min(_MAX_TAIL + 1, len(ids)) + 1):
+        if ids[-k] == eos_id:
+            tail = ids[-k:]
+            break
+    return [*ids[: max_length - len(tail)], *tail], True
 
 
 @dataclass
@@ -40,42 +58,15 @@ class DataStats:
         return {f"{prefix}{k}": v for k, v in asdict(self).items()}
 
 
-PAIR_FEATURES = datasets.Features(
-    {
-        "chosen_input_ids": datasets.List(datasets.Value("int32")),
-        "rejected_input_ids": datasets.List(datasets.Value("int32")),
-        "chosen_unsafe": datasets.Value("bool"),
-        "rejected_unsafe": datasets.Value("bool"),
-        "chosen_severity": datasets.Value("int32"),
-        "rejected_severity": datasets.Value("int32"),
-        "margin": datasets.Value("float32"),
-        # JSON: the source file and row, and what evaluation groups the pair by (RawPairs.meta)
-        "meta": datasets.Value("string"),
-    }
-)
-
-
-def pair_key(chosen: list[int], rejected: list[int]) -> int:
-    """A hash of a tokenized pair, to count duplicates and train/eval overlap."""
-    return hash((tuple(chosen), tuple(rejected)))
-
-
 def build_pairs(
-    rows: datasets.Dataset, cfg: DataConfig, tokenizer: Any, objective: str = "reward"
-) -> tuple[datasets.Dataset, DataStats]:
+    rows: datasets.Dataset,
+    cfg: DataConfig,
+    tokenizer: Any,
+    objective: str = "reward",
+    drop_identical: bool = True,
+) -> tuple[PairTable, DataStats]:
     """Tokenized (chosen, rejected) pairs of validated rows, and the stats of what was cut,
     skipped or dropped. Texts are rendered with the template `data.template` names."""
-    if objective not in ("reward", "cost"):
-        raise ValueError(f"objective must be 'reward' or 'cost', got {objective!r}")
-    if objective == "cost" and cfg.preference != "safer":
-        raise DataError("objective=cost trains on safety pairs: set data.preference=safer")
-    eos_id = tokenizer.eos_token_id
-    if eos_id is None:
-        raise DataError(f"tokenizer {tokenizer.name_or_path!r} has no eos_token")
-    try:
-        template = trained_template(tokenizer, cfg.template)
-    except TextError as exc:
-        raise DataError(str(exc)) from exc
     rows = rows.with_format(None)
     cols: dict[str, list[Any]] = rows[:]
     n = len(rows)
@@ -83,13 +74,48 @@ def build_pairs(
     cols.setdefault(ROW_COL, list(range(1, n + 1)))
     first = {k: v[0] for k, v in cols.items()} if n else None
     schema = resolve(cfg.format, cfg.path, rows.column_names, first)
+    if objective == "cost" and cfg.preference != "safer":
+        raise DataError("objective=cost trains on safety pairs: set data.preference=safer")
     raw, skipped = schema.to_pairs(cols, cfg, objective)
-    stats = DataStats(
-        rows=n, inconsistent_skipped=skipped.inconsistent, severity_filtered=skipped.severity
-    )
+    table, stats, _ = tokenize_pairs(raw, cfg, tokenizer, drop_identical)
+    stats.rows = n
+    stats.inconsistent_skipped, stats.severity_filtered = skipped.inconsistent, skipped.severity
+    return table, stats
 
+
+def encode(
+    tokenizer: Any, texts: list[str], max_length: int | None
+) -> tuple[list[list[int]], list[bool]]:
+    """THE ids of rendered texts: `tokenizer(text)`, cut to `max_length` keeping the closing
+    tail (:func:`truncate_keep_eos`; None: no cut); and which texts were cut."""
+    eos_id = tokenizer.eos_token_id
+    if eos_id is None:
+        raise DataError(f"tokenizer {tokenizer.name_or_path!r} has no eos_token")
+    ids, cut = [], []
+    for seq in tokenizer(texts)["input_ids"] if texts else []:
+        seq = list(seq)
+        if max_length is not None:
+            seq, was_cut = truncate_keep_eos(seq, max_length, eos_id)
+        else:
+            was_cut = False
+        ids.append(seq)
+        cut.append(was_cut)
+    return ids, cut
+
+
+def tokenize_pairs(
+    raw: RawPairs, cfg: DataConfig, tokenizer: Any, drop_identical: bool = True
+) -> tuple[PairTable, DataStats, int]:
+    """Render (`data.template`), tokenize and cut (`data.max_length`) both sides of every pair:
+    the pair table, its stats (pairs, truncated, identical_dropped, duplicates) and how many
+    sequences were cut. Pairs whose two sides are identical are dropped unless evaluation keeps
+    them (`drop_identical=False`: a benchmark counts them as ties)."""
+    try:
+        template = trained_template(tokenizer, cfg.template)
+    except TextError as exc:
+        raise DataError(str(exc)) from exc
     ids: dict[str, list[list[int]]] = {}
-    cut = [False] * len(raw)
+    cut: dict[str, list[bool]] = {}
     for side in ("chosen", "rejected"):
         texts = []
         for i, conversation in enumerate(getattr(raw, side)):
@@ -97,33 +123,18 @@ def build_pairs(
                 texts.append(render(tokenizer, conversation, template))
             except TextError as exc:
                 raise DataError(where(raw.source[i], raw.row[i], side, str(exc))) from exc
-        ids[side] = []
-        for i, seq in enumerate(tokenizer(texts)["input_ids"] if texts else []):
-            seq, was_cut = truncate_keep_eos(list(seq), cfg.max_length, eos_id)
-            ids[side].append(seq)
-            cut[i] = cut[i] or was_cut
+        ids[side], cut[side] = encode(tokenizer, texts, cfg.max_length)
 
-    keep = [i for i in range(len(raw)) if ids["chosen"][i] != ids["rejected"][i]]
-    stats.identical_dropped = len(raw) - len(keep)
-    stats.truncated = sum(cut[i] for i in keep)
-    stats.pairs = len(keep)
-    seen: set[int] = set()
-    for i in keep:
-        key = pair_key(ids["chosen"][i], ids["rejected"][i])
-        stats.duplicates += key in seen
-        seen.add(key)
-    columns: dict[str, list[Any]] = {
-        "chosen_input_ids": ids["chosen"],
-        "rejected_input_ids": ids["rejected"],
-        "chosen_unsafe": raw.chosen_unsafe,
-        "rejected_unsafe": raw.rejected_unsafe,
-        "chosen_severity": raw.chosen_severity,
-        "rejected_severity": raw.rejected_severity,
-        "margin": raw.margin,
-        "meta": [
-            json.dumps({"source": raw.source[i], "row": raw.row[i], **meta})
-            for i, meta in enumerate(raw.meta or [{}] * len(raw))
-        ],
-    }
-    kept = {k: [v[i] for i in keep] for k, v in columns.items()}
-    return datasets.Dataset.from_dict(kept, features=PAIR_FEATURES), stats
+    same = [ids["chosen"][i] == ids["rejected"][i] for i in range(len(raw))]
+    keep = [i for i in range(len(raw)) if not (drop_identical and same[i])]
+    stats = DataStats(pairs=len(keep), identical_dropped=len(raw) - len(keep))
+    stats.truncated = sum(cut["chosen"][i] or cut["rejected"][i] for i in keep)
+    metas = raw.meta or [{}] * len(raw)
+    table = PairTable.from_lists(
+        [ids["chosen"][i] for i in keep],
+        [ids["rejected"][i] for i in keep],
+        {k: [getattr(raw, k)[i] for i in keep] for k in LABELS},
+        [json.dumps({"source": raw.source[i], "row": raw.row[i], **metas[i]}) for i in keep],
+    )
+    stats.duplicates = table.duplicates()
+    return table, stats, sum(cut["chosen"][i] + cut["rejected"][i] for i in keep)

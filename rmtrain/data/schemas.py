@@ -12,13 +12,12 @@ Every row is checked before a pair is built, and a bad row is reported once, as
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from rmtrain.config import DataConfig
-from rmtrain.data.errors import DataError, type_name, where
-from rmtrain.eval.metrics import pku_pair_labels
+from rmtrain.errors import DataError, type_name, where
 from rmtrain.text import exchange
 
 Check = Callable[[Any], str | None]
@@ -160,6 +159,26 @@ _SEVERITY = ("response_0_severity_level", "response_1_severity_level")
 _LABELS = (*_BOOL, *_HARM, *_SEVERITY)
 
 
+def pku_pair_labels(row: Mapping[str, Any], chosen_id: int) -> dict[str, Any]:
+    """A PKU-SafeRLHF row's per-response labels as the chosen / rejected side's, JSON-ready:
+    what evaluation breaks accuracy down by (harm categories as sorted lists of the true names,
+    severity levels, safety flags). `chosen_id`: the row's better_response_id (reward model) or
+    safer_response_id (cost model). Fields a row lacks (v0 rows have only the safety labels)
+    are left out."""
+    if chosen_id not in (0, 1):
+        raise ValueError(f"chosen_id must be 0 or 1, got {chosen_id!r}")
+    out: dict[str, Any] = {}
+    for side, k in (("chosen", chosen_id), ("rejected", 1 - chosen_id)):
+        harm = row.get(f"response_{k}_harm_category")
+        if harm is not None:
+            out[f"harm_categories_{side}"] = sorted(str(c) for c, on in harm.items() if on)
+        if (severity := row.get(f"response_{k}_severity_level")) is not None:
+            out[f"severity_{side}"] = int(severity)
+        if (safe := row.get(f"is_response_{k}_safe")) is not None:
+            out[f"{side}_safe"] = bool(safe)
+    return out
+
+
 def column_margins(cols: dict[str, list[Any]], cfg: DataConfig, label: str) -> list[Any] | None:
     """The per-pair margins of data.margin_column (checked), or None when it is not set."""
     if not cfg.margin_column:
@@ -260,6 +279,5 @@ class PkuSafeRLHF(Schema):
             out.source.append(sources[i])
             out.row.append(rows[i])
             # The labels evaluation splits accuracy by, as chosen/rejected.
-            labels = pku_pair_labels({k: cols[k][i] for k in _LABELS if k in cols}, c)
-            out.meta.append({k: v for k, v in labels.items() if v is not None})
+            out.meta.append(pku_pair_labels({k: cols[k][i] for k in _LABELS if k in cols}, c))
         return out, skipped

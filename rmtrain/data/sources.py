@@ -12,9 +12,6 @@ still name file and line.
 
 from __future__ import annotations
 
-import json
-import lzma
-from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,9 +19,10 @@ from typing import Any
 import datasets
 
 from rmtrain.config import DataConfig
-from rmtrain.data.errors import DataError, type_name, where
 from rmtrain.data.formats import resolve
 from rmtrain.data.schemas import Schema
+from rmtrain.errors import DataError, where
+from rmtrain.files import open_lines, read_jsonl
 from rmtrain.toy import sample_data
 
 SOURCE_COL, ROW_COL = "_source", "_row"
@@ -41,12 +39,6 @@ class _Piece:
     file: Path | None = None
 
 
-def _open_lines(path: Path) -> Iterable[bytes]:
-    opener = lzma.open if path.name.endswith(".xz") else open
-    with opener(path, "rb") as f:
-        yield from f
-
-
 def scan_jsonl(path: Path, cfg: DataConfig | None = None, limit: int | None = None) -> str | None:
     """Validate a JSONL file line by line: the message for its first bad line, or None.
 
@@ -54,46 +46,31 @@ def scan_jsonl(path: Path, cfg: DataConfig | None = None, limit: int | None = No
     one type per column and may coerce a cell ("0" in an int column, ...) instead of failing,
     or fail on the file as a whole; the raw values give the exact line and the cell as written.
     """
-    try:
-        return _scan_lines(path, cfg, limit)
-    except (lzma.LZMAError, EOFError, OSError) as e:  # a corrupt or truncated .xz
-        return f"{path}: cannot read it: {type(e).__name__}: {e}"
-
-
-def _scan_lines(path: Path, cfg: DataConfig | None, limit: int | None) -> str | None:
     schema: Schema | None = None
     fields: tuple[str, ...] = ()
-    seen = n = 0
-    for n, raw in enumerate(_open_lines(path), 1):
-        if limit is not None and seen >= limit:
-            break
-        try:
-            line = raw.decode("utf-8")
-        except UnicodeDecodeError as e:
-            return where(str(path), n, "<json>", f"not UTF-8 ({e.reason} at byte {e.start})")
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            return where(str(path), n, "<json>", f"invalid JSON: {e.msg} (column {e.colno})")
-        if not isinstance(row, dict):
-            return where(str(path), n, "<json>", f"expected a JSON object, got {type_name(row)}")
-        seen += 1
-        if schema is None:
-            schema = resolve(cfg.format if cfg else "auto", str(path), row, row)
-            fields = schema.fields(row, cfg)
-        found = schema.row_problem(row, fields)
-        if found:
-            return where(str(path), n, *found)
+    seen = 0
+    try:
+        for n, row in read_jsonl(path):
+            if limit is not None and seen >= limit:
+                break
+            seen += 1
+            if schema is None:
+                schema = resolve(cfg.format if cfg else "auto", str(path), row, row)
+                fields = schema.fields(row, cfg)
+            found = schema.row_problem(row, fields)
+            if found:
+                return where(str(path), n, *found)
+    except DataError as err:
+        return str(err)
     if schema is None:
-        return f"{path}: no rows ({'empty file' if n == 0 else 'only blank lines'})"
+        blank = any(True for _ in open_lines(path))
+        return f"{path}: no rows ({'only blank lines' if blank else 'empty file'})"
     return None
 
 
 def _line_numbers(path: Path) -> list[int]:
     """1-based numbers of the non-blank lines: row i of the dataset is line numbers[i]."""
-    return [n for n, raw in enumerate(_open_lines(path), 1) if raw.strip()]
+    return [n for n, raw in enumerate(open_lines(path), 1) if raw.strip()]
 
 
 def _cap(cfg: DataConfig, split: str) -> int | None:

@@ -27,6 +27,8 @@ from typing import Any, Literal
 
 import numpy as np
 
+from rmtrain.objective import sign
+
 __all__ = [
     "REWARDBENCH_EXAMPLE_COUNTS",
     "REWARDBENCH_SECTIONS",
@@ -43,8 +45,6 @@ __all__ = [
     "cost_sign_accuracy",
     "length_bias",
     "pairwise_stats",
-    "pku_pair_fields",
-    "pku_pair_labels",
     "rewardbench_scores",
     "rmbench_accuracy",
     "rmbench_scores",
@@ -271,31 +271,6 @@ def as_style_pair_result(record: StylePairResult | Mapping[str, Any]) -> StylePa
         rejected_lens=None if r_lens is None else tuple(int(x) for x in r_lens),
         id=record.get("id"),
     )
-
-
-def pku_pair_fields(row: Mapping[str, Any], chosen_id: int) -> dict[str, Any]:
-    """Map a raw PKU-SafeRLHF v1 row's per-response fields onto chosen/rejected keys.
-
-    ``chosen_id`` is the row's ``better_response_id`` (reward model) or ``safer_response_id``
-    (cost model). Missing v1 fields (v0 rows have only the safety labels) come back as None.
-    """
-    if chosen_id not in (0, 1):
-        raise ValueError(f"chosen_id must be 0 or 1, got {chosen_id!r}")
-    c, r = chosen_id, 1 - chosen_id
-    return {
-        "harm_categories_chosen": _categories(row.get(f"response_{c}_harm_category")),
-        "harm_categories_rejected": _categories(row.get(f"response_{r}_harm_category")),
-        "severity_chosen": _opt_int(row.get(f"response_{c}_severity_level")),
-        "severity_rejected": _opt_int(row.get(f"response_{r}_severity_level")),
-        "chosen_safe": _opt_bool(row.get(f"is_response_{c}_safe")),
-        "rejected_safe": _opt_bool(row.get(f"is_response_{r}_safe")),
-    }
-
-
-def pku_pair_labels(row: Mapping[str, Any], chosen_id: int) -> dict[str, Any]:
-    """:func:`pku_pair_fields` ready for JSON: harm categories as sorted lists."""
-    fields = pku_pair_fields(row, chosen_id)
-    return {k: sorted(v) if isinstance(v, frozenset) else v for k, v in fields.items()}
 
 
 # --------------------------------------------------------------------------------------------
@@ -767,9 +742,9 @@ def length_bias(
 # One summary
 # --------------------------------------------------------------------------------------------
 def _orient(pair: PairResult, kind: Kind) -> PairResult:
-    if kind == "reward":
-        return pair
-    return replace(pair, chosen_score=-pair.chosen_score, rejected_score=-pair.rejected_score)
+    """Scores pointing the reward way (a cost model's are negated: lower cost = preferred)."""
+    s = sign(kind)
+    return replace(pair, chosen_score=s * pair.chosen_score, rejected_score=s * pair.rejected_score)
 
 
 def _is_style_record(record: Any) -> bool:
@@ -820,15 +795,14 @@ def summarize(
     is_style = bool(records) and all(_is_style_record(r) for r in records)
     if is_style:
         rows = [as_style_pair_result(r) for r in records]  # type: ignore[arg-type]
-        if kind == "cost":
-            rows = [
-                replace(
-                    r,
-                    chosen_scores=tuple(-x for x in r.chosen_scores),
-                    rejected_scores=tuple(-x for x in r.rejected_scores),
-                )
-                for r in rows
-            ]
+        rows = [
+            replace(
+                r,
+                chosen_scores=tuple(sign(kind) * x for x in r.chosen_scores),
+                rejected_scores=tuple(sign(kind) * x for x in r.rejected_scores),
+            )
+            for r in rows
+        ]
         out["rmbench"] = rmbench_scores(rows)
         raw = _rmbench_diagonal_pairs(rows)
         pairs = raw

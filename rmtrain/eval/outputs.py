@@ -19,7 +19,9 @@ from typing import Any
 
 from rmtrain.eval import plots
 from rmtrain.eval.metrics import EvalSet
-from rmtrain.score import write_atomic
+from rmtrain.files import write_atomic, write_jsonl
+from rmtrain.objective import oriented_gap
+from rmtrain.text import adds_bos
 
 
 def write_set(
@@ -29,13 +31,8 @@ def write_set(
     returns the images by caption."""
     folder = root / "eval"
     folder.mkdir(parents=True, exist_ok=True)
-    write_atomic(folder / f"{name}.json", lambda f: f.write(json.dumps(summary, indent=1) + "\n"))
-
-    def pairs(f: Any) -> None:
-        for r in records:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
-
-    write_atomic(folder / f"{name}.pairs.jsonl", pairs)
+    write_atomic(folder / f"{name}.json", json.dumps(summary, indent=1) + "\n")
+    write_jsonl(folder / f"{name}.pairs.jsonl", records)
     figures = folder / name
     figures.mkdir(exist_ok=True)
     flat = [r for r in records if "chosen_score" in r]
@@ -78,7 +75,7 @@ def write_run(
         sections += plots.report_section(ev.summary, set_images, run_dir, "###")
         images.update({f"{ev.name}/{caption}": path for caption, path in set_images.items()})
     report = "\n".join([f"# {title}", *sections]) + "\n"
-    write_atomic(run_dir / "report.md", lambda f: f.write(report))
+    write_atomic(run_dir / "report.md", report)
     return images
 
 
@@ -87,7 +84,18 @@ def worst_pairs(
 ) -> list[dict[str, Any]]:
     """The k pairs the model ranks most wrongly: the lowest chosen - rejected margin (for a
     cost model, the lowest rejected - chosen cost)."""
-    sign = -1.0 if kind == "cost" else 1.0
     flat = [r for r in records if "chosen_score" in r]
-    flat.sort(key=lambda r: sign * (r["chosen_score"] - r["rejected_score"]))
+    flat.sort(key=lambda r: oriented_gap(kind, r["chosen_score"], r["rejected_score"]))
     return [dict(r) for r in flat[:k]]
+
+
+def write_eval_scores(path: Path, samples: list[tuple[list[int], float]], tokenizer: Any) -> None:
+    """`eval_scores.jsonl`: the trained model's end scores for a few eval sequences (ids and
+    text, as `tokenizer(text)` gives the ids back), to check exports against."""
+    rows = []
+    for ids, score in samples:
+        decoded = tokenizer.decode(ids, skip_special_tokens=False)
+        if ids[:1] == [tokenizer.bos_token_id] and adds_bos(tokenizer):
+            decoded = decoded.removeprefix(tokenizer.bos_token)  # tokenizer(text) adds it
+        rows.append({"input_ids": ids, "text": decoded, "score": score})
+    write_jsonl(path, rows)

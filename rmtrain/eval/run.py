@@ -1,26 +1,25 @@
 """`rmtrain eval --model <export | run dir | checkpoint> --data <file> [--out DIR]`.
 
-Scores every pair of an evaluation file with an export (through `rmtrain.score.Scorer`: the
-trained text format, length-sorted batches, padding-side independent) and writes
+Reads each evaluation file exactly as training reads data (`rmtrain.data`: every training
+format, detected from the columns or forced with `--format`; the export's template and
+max_length), scores every distinct sequence once with the export (`rmtrain.scoring.Scorer`) and
+computes every metric from per-pair records with `rmtrain.eval.metrics.summarize`, the same code
+that evaluates during training. Writes
 
-- `<out>/eval/<set>.json`: every metric of :func:`rmtrain.eval.metrics.summarize`;
+- `<out>/eval/<set>.json`: every metric;
 - `<out>/eval/<set>.pairs.jsonl`: the per-pair scores, lengths and labels (for hand counts);
 - `<out>/eval/<set>/*.png` and `<out>/eval/<set>/report.md`;
 
-and prints a compact table. Rows may be:
-
-- RewardBench-style pairs: `prompt` + `chosen` + `rejected` (strings, or message lists as in
-  `rmtrain score`), with optional `subset`, `category`, `id`;
-- RM-Bench rows: `chosen` and `rejected` are lists of style variants (3×3 comparison);
-- PKU-SafeRLHF rows (`response_0/1`, `better_response_id` / `safer_response_id`, safety labels,
-  severities, harm categories): the chosen side follows `--preference` (default: `safer` for a
-  cost model, else `better`).
+and prints a compact table. RewardBench files get RewardBench's section scores, RM-Bench files
+(`chosen` / `rejected` lists of style variants) its easy / normal / hard accuracies, and
+PKU-SafeRLHF files the safety breakdowns, their chosen side following `--preference` (default:
+`safer` for a cost model, else `better`). Pairs whose two sides are identical are kept (a tie).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import dataclasses
 import os
 import sys
 import tempfile
@@ -28,12 +27,17 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
+from rmtrain.config import SourceConfig
+from rmtrain.data.formats import resolve
+from rmtrain.data.pairs import build_pairs
+from rmtrain.data.sources import load_rows
+from rmtrain.errors import DataError, UserError
 from rmtrain.eval import metrics
 from rmtrain.eval.outputs import write_set
-from rmtrain.score import NonFiniteScores, ScoreInputError, Scorer, side_conversation
-from rmtrain.text import exchange
+from rmtrain.scoring import NonFiniteScores, Scorer, add_data_arguments
 
 
 def resolve_export(path: Path, workdir: Path) -> Path:
@@ -48,126 +52,48 @@ def resolve_export(path: Path, workdir: Path) -> Path:
     return export_checkpoint(path, workdir / "export")
 
 
-def _read_jsonl(path: Path) -> list[tuple[int, dict[str, Any]]]:
-    rows: list[tuple[int, dict[str, Any]]] = []
-    try:
-        lines = path.read_bytes().splitlines()
-    except OSError as exc:
-        raise ScoreInputError(f"{path}: cannot read: {exc.strerror}") from exc
-    for n, raw in enumerate(lines, 1):
-        if not raw.strip():
-            continue
-        try:
-            row = json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise ScoreInputError(f"{path}: line {n}: field '<json>': {exc}") from exc
-        if not isinstance(row, dict):
-            raise ScoreInputError(f"{path}: line {n}: field '<json>': expected a JSON object")
-        rows.append((n, row))
-    if not rows:
-        raise ScoreInputError(f"{path}: no rows to evaluate")
-    return rows
-
-
-def _layout(row: dict[str, Any]) -> str:
-    if "response_0" in row and "response_1" in row:
-        return "pku_saferlhf"
-    chosen = row.get("chosen")
-    if isinstance(chosen, list) and chosen and all(isinstance(c, str) for c in chosen):
-        return "rmbench"
-    return "pairs"
-
-
-def _conversations(
-    path: Path, line: int, row: dict[str, Any], layout: str, preference: str
-) -> tuple[list[list[dict[str, str]]], list[list[dict[str, str]]]]:
-    """(chosen conversations, rejected conversations) of one row."""
-
-    def fail(field: str, problem: str) -> ScoreInputError:
-        return ScoreInputError(f"{path}: line {line}: field '{field}': {problem}")
-
-    if layout == "pku_saferlhf":
-        key = f"{preference}_response_id"
-        c = row.get(key)
-        if c not in (0, 1) or isinstance(c, bool):
-            raise fail(key, f"expected 0 or 1, got {c!r:.40}")
-        for k in (0, 1):
-            if not isinstance(row.get(f"response_{k}"), str):
-                raise fail(f"response_{k}", "expected str")
-        if not isinstance(row.get("prompt"), str):
-            raise fail("prompt", "expected str")
-        p = row["prompt"]
-        return [exchange(p, row[f"response_{c}"])], [exchange(p, row[f"response_{1 - c}"])]
-    if layout == "rmbench":
-        out = []
-        for side in ("chosen", "rejected"):
-            values = row.get(side)
-            if not isinstance(values, list) or not all(isinstance(v, str) for v in values):
-                raise fail(side, "expected a list of response strings")
-            if not isinstance(row.get("prompt"), str):
-                raise fail("prompt", "expected str")
-            out.append([exchange(row["prompt"], v) for v in values])
-        if len(out[0]) != len(out[1]):
-            raise fail("rejected", "needs as many style variants as chosen")
-        return out[0], out[1]
-    sides = []
-    for side in ("chosen", "rejected"):
-        found = side_conversation(row, side) if side in row else f"missing ({side})"
-        if isinstance(found, str):
-            raise fail(side, found)
-        sides.append([found])
-    return sides[0], sides[1]
-
-
 def evaluate_file(
-    scorer: Scorer, data: Path, preference: str | None = None, progress: bool = False
+    scorer: Scorer,
+    data: Path,
+    preference: str | None = None,
+    fmt: str = "auto",
+    progress: bool = False,
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """(summary, per-pair records) of one evaluation file."""
     kind: metrics.Kind = "cost" if scorer.objective == "cost" else "reward"
-    preference = preference or ("safer" if kind == "cost" else "better")
-    rows = _read_jsonl(data)
-    layout = _layout(rows[0][1])
-    texts: list[str] = []
-    responses: list[str] = []
-    plan: list[tuple[int, int]] = []  # (n chosen, n rejected) texts per row
-    for line, row in rows:
-        chosen, rejected = _conversations(data, line, row, _layout(row), preference)
-        for conversation in (*chosen, *rejected):
-            try:
-                texts.append(scorer.messages_text(conversation))
-            except ValueError as exc:
-                raise ScoreInputError(f"{data}: line {line}: {exc}") from exc
-            responses.append(conversation[-1]["content"])
-        plan.append((len(chosen), len(rejected)))
-    scores = _score(scorer, texts, progress)
-    lengths = [
-        len(ids) for ids in scorer.tokenizer(responses, add_special_tokens=False)["input_ids"]
-    ]
-    records: list[dict[str, Any]] = []
-    at = 0
-    for (line, row), (n_c, n_r) in zip(rows, plan, strict=True):
-        c_scores, r_scores = scores[at : at + n_c], scores[at + n_c : at + n_c + n_r]
-        c_lens, r_lens = lengths[at : at + n_c], lengths[at + n_c : at + n_c + n_r]
-        at += n_c + n_r
-        record: dict[str, Any] = {"line": line, "id": row.get("id"), "subset": row.get("subset")}
-        record["category"] = row.get("category")
-        if layout == "rmbench":
-            record.update(chosen_scores=c_scores, rejected_scores=r_scores,
-                          chosen_lens=c_lens, rejected_lens=r_lens)  # fmt: skip
-        else:
-            record.update(chosen_score=c_scores[0], rejected_score=r_scores[0],
-                          chosen_len=c_lens[0], rejected_len=r_lens[0])  # fmt: skip
-        if layout == "pku_saferlhf":
-            record.update(metrics.pku_pair_labels(row, row[f"{preference}_response_id"]))
-        records.append(record)
-    bad = [r["line"] for r in records for v in _scores_of(r) if not _finite(v)]
-    if bad:
+    preference = scorer.default_preference(preference)
+    cfg = scorer.data_config(str(data), fmt)
+    rows = load_rows(cfg, cfg.train_split)  # a single file is read whole, every row checked
+    schema = resolve(fmt, str(data), rows.column_names, rows[0])
+    if schema.name == "pku_saferlhf" and preference == "safer":
+        if "safer_response_id" not in rows.column_names:
+            raise DataError(f"{data}: field 'safer_response_id': missing (--preference safer)")
+        cfg = dataclasses.replace(cfg, preference="safer")
+    table, _ = build_pairs(rows, cfg, scorer.tokenizer, drop_identical=False)
+    # Every distinct sequence once (RM-Bench's 3 x 3 pairs hold 6 texts).
+    unique: dict[bytes, int] = {}
+    slots = np.empty((len(table), 2), dtype=np.int64)
+    seqs: list[np.ndarray] = []
+    for p in range(len(table)):
+        for k, side in enumerate(("chosen", "rejected")):
+            ids = table.seq(side, p)
+            slots[p, k] = unique.setdefault(ids.tobytes(), len(unique))
+            if slots[p, k] == len(seqs):
+                seqs.append(ids)
+    scores = np.asarray(_score(scorer, seqs, progress))
+    if not np.isfinite(scores).all():
+        first = table.meta_of(int(np.flatnonzero(~np.isfinite(scores[slots]).all(1))[0]))
         raise NonFiniteScores(
-            f"{data}: non-finite scores on {len(bad)} pair(s), the first at line {bad[0]}: the "
-            "model's weights are broken (a diverged run?)"
+            f"{data}: non-finite scores, the first at row {first['row']}: the model's weights "
+            "are broken (a diverged run?)"
         )
+    records = [
+        table.record(p, float(scores[c]), float(scores[r])) for p, (c, r) in enumerate(slots)
+    ]
+    if records and all("style" in rec for rec in records):
+        records = metrics.regroup_styles(records)
     summary = metrics.summarize(records, kind=kind)
-    summary.update(data=str(data), layout=layout, preference=preference, objective=kind)
+    summary.update(data=str(data), format=schema.name, preference=cfg.preference, objective=kind)
     return summary, records
 
 
@@ -176,31 +102,21 @@ def _world() -> tuple[int, int]:
     return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def _score(scorer: Scorer, texts: list[str], progress: bool) -> list[float]:
-    """Every text's score. Under a launcher each process scores a strided share and every
+def _score(scorer: Scorer, seqs: list[np.ndarray], progress: bool) -> list[float]:
+    """Every sequence's score. Under a launcher each process scores a strided share and every
     process gets them all (so all of them reach the same result, or the same error)."""
     rank, world = _world()
     if world == 1:
-        return scorer.score_texts(texts, progress=progress, desc="evaluating")
+        return scorer.score_sequences(seqs, progress=progress, desc="evaluating")
     from rmtrain.engine import all_gather_object
 
-    mine = scorer.score_texts(texts[rank::world], progress=progress and rank == 0,
-                              desc=f"evaluating ({world} processes)")  # fmt: skip
+    mine = scorer.score_sequences(seqs[rank::world], progress=progress and rank == 0,
+                                  desc=f"evaluating ({world} processes)")  # fmt: skip
     parts = all_gather_object(mine)
-    scores = [0.0] * len(texts)
+    scores = [0.0] * len(seqs)
     for r, part in enumerate(parts):
         scores[r::world] = part
     return scores
-
-
-def _scores_of(record: dict[str, Any]) -> list[float]:
-    if "chosen_scores" in record:
-        return [*record["chosen_scores"], *record["rejected_scores"]]
-    return [record["chosen_score"], record["rejected_score"]]
-
-
-def _finite(x: float) -> bool:
-    return x == x and abs(x) != float("inf")
 
 
 def table(summary: dict[str, Any]) -> str:
@@ -236,7 +152,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--model", required=True, type=Path, help="export, run dir or checkpoint")
     p.add_argument("--data", required=True, type=Path, nargs="+", help="evaluation JSONL file(s)")
     p.add_argument("--out", type=Path, default=Path("."), help="writes <out>/eval/<set>.*")
-    p.add_argument("--preference", choices=("better", "safer"), default=None)
+    add_data_arguments(p)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-length", type=int, default=None, help="default: the trained one")
     p.add_argument("--device", default=None, help="default: this process's GPU if any, else cpu")
@@ -263,15 +179,15 @@ def main(argv: Sequence[str] | None = None) -> None:
             scorer.max_length = args.max_length or scorer.meta.get("max_length")
             for data in args.data:
                 summary, records = evaluate_file(
-                    scorer, data, args.preference, progress=not args.no_progress
+                    scorer, data, args.preference, args.format, progress=not args.no_progress
                 )
                 if rank != 0:
                     continue
-                name = data.name.removesuffix(".jsonl").removesuffix(".json")
+                name = SourceConfig(path=str(data)).display()
                 write_set(args.out, name, summary, records)
                 path = args.out / "eval" / f"{name}.json"
                 print(f"{data}: {summary['n_pairs']} pairs -> {path}\n{table(summary)}")
-    except (ScoreInputError, NonFiniteScores, FileNotFoundError) as err:
+    except (UserError, FileNotFoundError) as err:
         if rank == 0:
             print(f"rmtrain eval: error: {err}", file=sys.stderr, flush=True)
         sys.exit(2)

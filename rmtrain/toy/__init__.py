@@ -12,7 +12,8 @@ from typing import Any
 
 from transformers import AutoConfig, LlamaConfig, PretrainedConfig
 
-from rmtrain.config import ConfigError, ToyConfig
+from rmtrain.config import ToyConfig
+from rmtrain.errors import ConfigError
 
 NAME = "tiny"
 # head_dim, as a multiple of hidden/heads, where the real checkpoints have a wider head than
