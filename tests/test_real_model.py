@@ -102,6 +102,7 @@ GEMMA3 = [*SMALL, "model=llama", "data.max_length=48", "data.sample_train_rows=8
           "trainer.export_max_shard_size=400MB"]  # fmt: skip
 
 
+@pytest.mark.slow  # a real model (262,144-token tokenizer)
 def test_gemma3_is_a_base_gemma3_text_model(gemma3: Path) -> None:
     from realmodel import (
         GEMMA3_BOS_ID,
@@ -134,6 +135,7 @@ def test_gemma3_is_a_base_gemma3_text_model(gemma3: Path) -> None:
     assert ours.pad_token_id == GEMMA3_PAD_ID and len(ours) == GEMMA3_VOCAB_SIZE
 
 
+@pytest.mark.slow  # a real model (262,144-token tokenizer)
 def test_gemma_convention_on_the_real_gemma3_tokenizer(gemma3: Path) -> None:
     """The toy Gemma convention (tests/conventions.py) against the real tokenizer given the
     published gemma-3-it template: the same text rule and ids == apply_chat_template."""
@@ -154,6 +156,7 @@ def test_gemma_convention_on_the_real_gemma3_tokenizer(gemma3: Path) -> None:
     print(f"gemma (real tokenizer): {text!r} -> {ids}")
 
 
+@pytest.mark.slow  # a real model (262,144-token tokenizer)
 def test_gemma3_chat_template_request_is_one_clear_error(gemma3: Path, tmp_path: Path, capsys,
                                                         monkeypatch) -> None:  # fmt: skip
     run_dir = tmp_path / "run"
