@@ -26,10 +26,14 @@ def truncate_keep_eos(ids: list[int], max_length: int, eos_id: int) -> tuple[lis
 
 
 def pad_sequences(
-    seqs: Sequence[Sequence[int]], pad_token_id: int, padding_side: str
+    seqs: Sequence[Sequence[int]], pad_token_id: int, padding_side: str, length: int | None = None
 ) -> dict[str, torch.Tensor]:
-    """`input_ids` and `attention_mask` [N, longest], padded on `padding_side`."""
-    length = max(len(s) for s in seqs)
+    """`input_ids` and `attention_mask` [N, longest] (or [N, `length`]), padded on
+    `padding_side`."""
+    longest = max(len(s) for s in seqs)
+    if length is not None and length < longest:
+        raise ValueError(f"cannot pad to length {length}: a sequence has {longest} ids")
+    length = longest if length is None else length
     input_ids = torch.full((len(seqs), length), pad_token_id, dtype=torch.long)
     attention_mask = torch.zeros((len(seqs), length), dtype=torch.long)
     for row, seq in enumerate(seqs):
