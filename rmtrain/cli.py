@@ -15,7 +15,7 @@ COMMANDS = {
     "score": ("rmtrain.score", "score a JSONL file with an exported model"),
     "eval": (
         "rmtrain.eval.run",
-        "evaluate a model on preference files (RewardBench, RM-Bench, PKU)",
+        "evaluate a model on preference files (RewardBench 1 and 2, RM-Bench, PKU)",
     ),
     "serve": (
         "rmtrain.serve",

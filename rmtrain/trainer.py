@@ -26,7 +26,14 @@ from rmtrain import telemetry
 from rmtrain.batching import BatchPlan, MicroBatch, TokenBudgetPlan, eval_shards
 from rmtrain.config import Config, ConfigError
 from rmtrain.engine import Engine, all_reduce_sum, gather_object
-from rmtrain.eval.metrics import EvalSet, Kind, headline, regroup_styles, summarize
+from rmtrain.eval.metrics import (
+    EvalSet,
+    Kind,
+    headline,
+    regroup_completions,
+    regroup_styles,
+    summarize,
+)
 from rmtrain.eval.outputs import worst_pairs
 from rmtrain.loggers import MetricLogger
 from rmtrain.losses import PairScores, TokenScores, compute_loss, needs_token_scores, pair_metrics
@@ -333,6 +340,8 @@ class Trainer:
         kind: Kind = "cost" if self.cfg.objective == "cost" else "reward"
         if records and all("style" in rec for rec in records):
             records = regroup_styles(records)
+        elif records and all("completion" in rec for rec in records):  # RewardBench 2
+            records = regroup_completions(records)
         result = EvalSet(name, summarize(records, kind=kind), records, worst_pairs(records, kind))
         if self.decode is not None:
             for row in result.worst:

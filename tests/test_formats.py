@@ -96,6 +96,13 @@ def to_rewardbench(r: Row) -> Row:
     return {"id": r["response_0_sha256"][:8], "subset": "toy", **to_standard(r)}
 
 
+def to_rewardbench2(r: Row) -> Row:
+    p, c, j = _sides(r)
+    counts = {"num_correct": 1, "num_incorrect": 1, "total_completions": 2}
+    return {"id": r["response_0_sha256"][:8], "prompt": p, "chosen": [c], "rejected": [j],
+            **counts, "subset": "Focus"}  # fmt: skip
+
+
 def to_rmbench(r: Row) -> Row:
     p, c, j = _sides(r)
     return {"id": 1, "subset": "toy", "prompt": p, "chosen": _variants(c), "rejected": _variants(j)}
@@ -106,6 +113,7 @@ CONVERT: dict[str, Callable[[Row], Row]] = {
     "ultrafeedback": to_ultrafeedback,
     "conversational": to_conversational,
     "conversational_implicit": to_conversational_implicit,
+    "rewardbench2": to_rewardbench2,
     "rmbench": to_rmbench,
     "rewardbench": to_rewardbench,
     "hh_rlhf": to_hh_rlhf,
@@ -340,7 +348,7 @@ def _eval_texts(fmt: str, row: Row) -> list[tuple[list[dict[str, str]], list[dic
             return _conv(h, a)
 
         return [(turns(row["chosen"]), turns(row["rejected"]))]
-    assert fmt == "rmbench"
+    assert fmt in ("rmbench", "rewardbench2")  # every (chosen, rejected) combination
     p = row["prompt"]
     return [(_conv(p, c), _conv(p, j)) for c in row["chosen"] for j in row["rejected"]]
 

@@ -12,6 +12,9 @@ and prints a compact table. Rows may be:
 - RewardBench-style pairs: `prompt` + `chosen` + `rejected` (strings, or message lists as in
   `rmtrain score`), with optional `subset`, `category`, `id`;
 - RM-Bench rows: `chosen` and `rejected` are lists of style variants (3×3 comparison);
+- RewardBench 2 rows: `chosen` / `rejected` lists of correct / incorrect completions with
+  `num_correct`, `num_incorrect`, `total_completions`, `subset`, `id` (best-of-N per row, the
+  Ties formula, the mean of the six subsets);
 - PKU-SafeRLHF rows (`response_0/1`, `better_response_id` / `safer_response_id`, safety labels,
   severities, harm categories): the chosen side follows `--preference` (default: `safer` for a
   cost model, else `better`).
@@ -72,6 +75,8 @@ def _read_jsonl(path: Path) -> list[tuple[int, dict[str, Any]]]:
 def _layout(row: dict[str, Any]) -> str:
     if "response_0" in row and "response_1" in row:
         return "pku_saferlhf"
+    if "num_correct" in row and "total_completions" in row:
+        return "rewardbench2"
     chosen = row.get("chosen")
     if isinstance(chosen, list) and chosen and all(isinstance(c, str) for c in chosen):
         return "rmbench"
@@ -127,6 +132,8 @@ def evaluate_file(
     preference = preference or ("safer" if kind == "cost" else "better")
     rows = _read_jsonl(data)
     layout = _layout(rows[0][1])
+    if layout == "rewardbench2":
+        return evaluate_rewardbench2(scorer, data, progress)
     texts: list[str] = []
     responses: list[str] = []
     plan: list[tuple[int, int]] = []  # (n chosen, n rejected) texts per row
@@ -168,6 +175,59 @@ def evaluate_file(
         )
     summary = metrics.summarize(records, kind=kind)
     summary.update(data=str(data), layout=layout, preference=preference, objective=kind)
+    return summary, records
+
+
+def evaluate_rewardbench2(
+    scorer: Scorer, data: Path, progress: bool = False
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """(summary, per-row records) of a RewardBench 2 file, read through the data format
+    registry: the `rewardbench2` adapter checks the rows (errors name file, row and field) and
+    turns each row into its (correct, incorrect) pairs; every completion is scored once; the
+    pairs' scores are regrouped per row (:func:`metrics.regroup_completions`) for the official
+    numbers. The records (one per row, per-completion scores) go to the pairs file."""
+    from rmtrain.config import DataConfig
+    from rmtrain.data.errors import DataError
+    from rmtrain.data.formats import BY_NAME
+    from rmtrain.data.sources import load_rows
+
+    kind: metrics.Kind = "cost" if scorer.objective == "cost" else "reward"
+    cfg = DataConfig(path=str(data), format="rewardbench2")
+    try:
+        rows = load_rows(cfg, cfg.train_split).with_format(None)
+        raw, _ = BY_NAME["rewardbench2"].to_pairs(rows[:], cfg, "reward")
+    except DataError as exc:
+        raise ScoreInputError(str(exc)) from exc
+    slots: dict[tuple[Any, ...], int] = {}  # (source, row, side, index) -> text position
+    texts: list[str] = []
+    responses: list[str] = []
+    for i, meta in enumerate(raw.meta):
+        ci, ri = meta["completion"]
+        for side, k, conversation in (("c", ci, raw.chosen[i]), ("r", ri, raw.rejected[i])):
+            key = (raw.source[i], raw.row[i], side, k)
+            if key not in slots:
+                slots[key] = len(texts)
+                try:
+                    texts.append(scorer.messages_text(conversation))
+                except ValueError as exc:
+                    raise ScoreInputError(f"{data}: line {raw.row[i]}: {exc}") from exc
+                responses.append(conversation[-1]["content"])
+    scores = _score(scorer, texts, progress)
+    if not all(_finite(x) for x in scores):
+        raise NonFiniteScores(f"{data}: non-finite scores: the model's weights are broken")
+    lengths = [
+        len(ids) for ids in scorer.tokenizer(responses, add_special_tokens=False)["input_ids"]
+    ]
+    pairs = []
+    for i, meta in enumerate(raw.meta):
+        c = slots[(raw.source[i], raw.row[i], "c", meta["completion"][0])]
+        r = slots[(raw.source[i], raw.row[i], "r", meta["completion"][1])]
+        pairs.append({**meta, "source": raw.source[i], "row": raw.row[i],
+                      "chosen_score": scores[c], "rejected_score": scores[r],
+                      "chosen_len": lengths[c], "rejected_len": lengths[r]})  # fmt: skip
+    records = [{"line": rec.pop("row"), **rec} for rec in metrics.regroup_completions(pairs)]
+    summary = metrics.summarize(records, kind=kind)
+    summary.update(data=str(data), layout="rewardbench2", preference=None, objective=kind)
     return summary, records
 
 
@@ -224,6 +284,11 @@ def table(summary: dict[str, Any]) -> str:
         for name, value in (summary.get(block) or {}).items():
             if isinstance(value, float):
                 lines.append(f"{block}/{name:<24} {'':>6} {_f(value)}")
+    rb2 = summary.get("rewardbench2") or {}
+    for name, stats in (rb2.get("subsets") or {}).items():
+        lines.append(f"rewardbench2/{name[:19]:<19} {stats['n']:>6} {_f(stats['score'])}")
+    if rb2:
+        lines.append(f"rewardbench2/score {'':>20} {_f(rb2.get('score'))}")
     return "\n".join(lines)
 
 
