@@ -2,7 +2,8 @@
 score` (1e-4), scores independent of batching under concurrent clients (exactly), every kind of
 bad input, a full queue, the body limit, and SIGTERM draining the requests in flight.
 
-Two servers start once for the module (their start-up overlaps): A serves the tiny chat export
+The tests that talk to a server are marked `slow` (real processes, as the launcher tests). Two
+servers start once for the module (their start-up overlaps): A serves the tiny chat export
 with two replicas (`--device cpu cpu`, the data-parallel path) and the export's trained
 max_length; B serves an export with a short context, no cut, the normalisation statistics, and
 one text per forward (a long request stays in flight long enough to be caught).
@@ -96,7 +97,8 @@ def exports(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("serve")
     meta = {"max_length": MAX_LENGTH, "score_stats": STATS}
     return {
-        "a": make_export(root / "a", template="chat", meta=meta),
+        # hidden 256: a forward takes long enough for concurrent requests to pile up
+        "a": make_export(root / "a", template="chat", meta=meta, hidden=256),
         # B: a 128-token context, so a longer text is refused when nothing cuts it
         "b": make_export(root / "b", template="chat", seed=1, meta={"score_stats": STATS},
                          max_position_embeddings=128),
@@ -142,6 +144,7 @@ def close(got: list[float], want: list[float]) -> bool:
     return len(got) == len(want) and all(abs(g - w) <= 1e-4 for g, w in zip(got, want, strict=True))
 
 
+@pytest.mark.slow  # a server process
 def test_health(a: Server) -> None:
     health = httpx.get(f"{a.url}/health").json()
     assert health["status"] == "ok" and health["template"] == "chat"
@@ -149,6 +152,7 @@ def test_health(a: Server) -> None:
     assert health["batching"]["replicas"] == ["cpu", "cpu"]
 
 
+@pytest.mark.slow  # a server process
 def test_every_endpoint_scores_what_rmtrain_score_does(a, exports, tok, tmp_path) -> None:
     want = rmtrain_score(exports["a"], tmp_path)
     n_ids = [len(tok(render(tok, c))["input_ids"]) for c in CONVERSATIONS]  # the trained ids
@@ -203,6 +207,7 @@ def test_every_endpoint_scores_what_rmtrain_score_does(a, exports, tok, tmp_path
     assert close(r["data"][0]["probs"], [1 / (1 + math.exp(-want[1]))])
 
 
+@pytest.mark.slow  # a server process
 def test_normalize_and_no_cut(servers, exports, tmp_path) -> None:
     b = servers["b"]
     want = rmtrain_score(exports["b"], tmp_path, "--normalize")
@@ -221,6 +226,7 @@ def test_normalize_and_no_cut(servers, exports, tmp_path) -> None:
     assert "context (128)" in r.json()["error"]["message"]
 
 
+@pytest.mark.slow  # a server process
 def test_scores_do_not_depend_on_batching(a) -> None:
     """32 concurrent clients, random requests of 1-3 texts (lengths inside one padding bucket
     and across buckets): every score equals, bit for bit, the text's score sent alone."""
@@ -263,6 +269,7 @@ def test_scores_do_not_depend_on_batching(a) -> None:
     batches = after["batches"] - before["batches"]
     sequences = after["sequences"] - before["sequences"]
     assert sequences / batches > 1.5, "requests were not batched together: the test is void"
+    assert after["largest_batch"] > 3  # a request has at most 3 texts: requests were merged
     assert min(after["sequences_per_replica"]) > 0  # both replicas served
 
 
@@ -291,6 +298,7 @@ BAD = [
 ]  # fmt: skip
 
 
+@pytest.mark.slow  # a server process
 @pytest.mark.parametrize(("path", "body", "status", "words"), BAD)
 def test_bad_requests_get_a_clear_error(a, path, body, status, words) -> None:
     r = httpx.post(f"{a.url}{path}", content=body, timeout=30)
@@ -300,6 +308,7 @@ def test_bad_requests_get_a_clear_error(a, path, body, status, words) -> None:
     assert error["code"] == status
 
 
+@pytest.mark.slow  # a server process
 def test_limits_and_the_server_survives(a) -> None:
     r = a.post("/get_reward", {"query": ["x" * 200_000] * 6})  # 1.2 MB > --max-body-mb 1
     assert r.status_code == 413 and "limit" in r.json()["error"]["message"]
@@ -316,6 +325,7 @@ def test_limits_and_the_server_survives(a) -> None:
     assert a.proc.poll() is None
 
 
+@pytest.mark.slow  # a server process
 def test_full_queue_503_then_sigterm_drains(servers) -> None:
     """B scores one text per forward: a 1000-text request stays queued long enough for a
     second one to find the queue full, and for SIGTERM to arrive while it is in flight."""
@@ -378,6 +388,7 @@ def test_normalize_needs_recorded_stats(tmp_path, capsys) -> None:
     assert "cannot normalise" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # a server process
 def test_json_output_is_strict(a) -> None:
     """Replies are plain JSON that any client parses (no NaN, no Infinity)."""
     r = a.post("/score", {"conversations": CONVERSATIONS})

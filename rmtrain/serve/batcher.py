@@ -65,6 +65,7 @@ class BatchStats:
     sequences: int = 0
     padded_tokens: int = 0
     real_tokens: int = 0
+    largest_batch: int = 0
     refused_requests: int = 0
     failed_batches: int = 0
     per_worker: list[int] = field(default_factory=list)
@@ -191,6 +192,7 @@ class Batcher:
             s.padded_tokens += n * length
             s.real_tokens += real
             s.per_worker[worker] += n
+            s.largest_batch = max(s.largest_batch, n)
             rate = n / seconds * len(self.forwards)
             self._rate = rate if not self._rate else 0.8 * self._rate + 0.2 * rate
 
@@ -207,6 +209,7 @@ class Batcher:
                 "batches": s.batches,
                 "sequences": s.sequences,
                 "mean_batch_size": s.sequences / s.batches if s.batches else None,
+                "largest_batch": s.largest_batch,
                 "real_token_fraction": s.real_tokens / s.padded_tokens if s.padded_tokens else None,
                 "refused_requests": s.refused_requests,
                 "failed_batches": s.failed_batches,
