@@ -249,7 +249,9 @@ def query_ids(tokenizer: Any, text: str, frame: QueryFrame | None = None) -> lis
        template closes turns with another token, as rmtrain's tiny tokenizer does).
 
     Anything else in the text is scored as sent: a query rendered with another template than
-    the trained one scores differently (send messages to `/score` instead).
+    the trained one, or by a template that renders a finished reply differently from the one it
+    prompts for (an empty thinking block in past turns), scores differently (send messages to
+    `/score` instead).
     """
     frame = frame or query_frame(tokenizer)
     ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])

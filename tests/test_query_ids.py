@@ -60,16 +60,22 @@ def _queries(tok: Any, conversation: list[dict[str, str]]) -> dict[str, str]:
         "rmtrain render": render(tok, conversation),
         "apply_chat_template": raw,  # Llama-3 and tiny: BOS in the text and added again
         "double BOS": tok.bos_token + raw,
-        "OpenRLHF (reply + EOS)": prompt + reply + tok.eos_token,
-        "cut at the generation limit (no end of turn)": prompt + reply,
     }
     if raw.startswith(tok.bos_token):  # verl strips bos_token from every render
         out["verl (BOS stripped)"] = raw[len(tok.bos_token) :]
+    # A policy's text: the generation prompt, then the reply. Only where the template renders
+    # a finished reply right after its generation prompt (a template that renders past replies
+    # differently, e.g. with a thinking block, gives another text in the middle).
+    if raw.startswith(prompt + reply):
+        out["OpenRLHF (reply + EOS)"] = prompt + reply + tok.eos_token
+        out["cut at the generation limit (no end of turn)"] = prompt + reply
     return out
 
 
 def test_every_convention_gets_the_trained_ids(tokenizers: dict[str, Any]) -> None:
     assert set(tokenizers) >= {"chatml-chat", "llama3-chat", "llama2-safe_rlhf", "tiny-chat"}
+    for name in ("chatml-chat", "llama3-chat", "llama2-safe_rlhf", "tiny-chat"):
+        assert "OpenRLHF (reply + EOS)" in _queries(tokenizers[name], CONVERSATIONS[0]), name
     failures = []
     for name, tok in tokenizers.items():
         frame = query_frame(tok)
