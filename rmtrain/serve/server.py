@@ -80,6 +80,7 @@ class Service:
         self.label = str(id2label.get(0, "LABEL_0"))  # vLLM: id2label of the argmax
         self.name = args.served_model_name or str(args.model)
         self.max_body = int(args.max_body_mb * 2**20)
+        self.drain_timeout = float(args.drain_timeout)
         self.batcher = Batcher(
             [s.score_ids for s in self.scorers],
             max_batch_tokens=args.max_batch_tokens,
@@ -126,7 +127,18 @@ class Service:
     async def _off_loop(self, fn: Callable[[], T]) -> T:
         return await asyncio.get_running_loop().run_in_executor(self.cpu, fn)
 
+    def _check_count(self, n: int) -> None:
+        """A request with more texts than the queue holds can never be admitted: 413 before
+        any work is done on it."""
+        if n > self.batcher.max_queue:
+            raise ServeError(
+                413,
+                f"{n} texts in one request, more than the queue holds "
+                f"({self.batcher.max_queue}, --max-queue); split the request",
+            )
+
     async def queries(self, texts: Sequence[str], field: str) -> tuple[list[list[int]], list[bool]]:
+        self._check_count(len(texts))
         for i, text in enumerate(texts):
             if not text.strip():
                 raise ServeError(422, f"field '{field}[{i}]': empty text", param=field)
@@ -135,6 +147,7 @@ class Service:
     async def conversations(
         self, conversations: Sequence[tuple[str, Conversation]]
     ) -> tuple[list[list[int]], list[bool]]:
+        self._check_count(len(conversations))
         for where, conversation in conversations:
             if problem := check_messages(conversation):
                 raise ServeError(422, f"field '{where}': {problem}", param=where.split("[")[0])
@@ -145,12 +158,7 @@ class Service:
         self, seqs: list[list[int]], cut: list[bool]
     ) -> tuple[list[float], list[float]]:
         """(served scores, raw scores): normalised with the export's stats when asked."""
-        if len(seqs) > self.batcher.max_queue:
-            raise ServeError(
-                413,
-                f"{len(seqs)} texts in one request, more than the queue holds "
-                f"({self.batcher.max_queue}, --max-queue); split the request",
-            )
+        self._check_count(len(seqs))
         try:
             futures = self.batcher.submit(seqs)
         except QueueFull as exc:
@@ -240,7 +248,9 @@ def create_app(service: Service) -> FastAPI:
     async def lifespan(app: FastAPI) -> Any:
         service.batcher.start()
         yield
-        service.batcher.stop()  # uvicorn has already finished the requests in flight
+        # uvicorn has already finished the requests in flight; the workers are daemon threads,
+        # so a forward that never returns cannot keep the process alive past this wait
+        service.batcher.stop(timeout=service.drain_timeout)
         service.cpu.shutdown()
 
     app = FastAPI(title="rmtrain serve", lifespan=lifespan)
