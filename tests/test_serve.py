@@ -6,7 +6,7 @@ The tests that talk to a server are marked `slow` (real processes, as the launch
 servers start once for the module (their start-up overlaps): A serves the tiny chat export
 with two replicas (`--device cpu cpu`, the data-parallel path) and the export's trained
 max_length; B serves an export with a short context, no cut, the normalisation statistics, and
-one text per forward (a long request stays in flight long enough to be caught).
+at most 128 padded tokens per forward (a long request stays in flight long enough to be caught).
 """
 
 from __future__ import annotations
