@@ -2,8 +2,9 @@
 batches under a token budget, scored by one worker thread per model replica.
 
 **Batch invariance, by construction.** A sequence is always scored right-padded to its own
-length bucket (its length rounded up to a multiple of ``pad_multiple``), and a batch only holds
-sequences of one bucket. Every row of a batch then goes through exactly the same arithmetic as
+length bucket (:meth:`Batcher.bucket`: its length rounded up to a multiple of ``pad_multiple``,
+or of an eighth of its power of two for long texts), and a batch only holds sequences of one
+bucket. Every row of a batch then goes through exactly the same arithmetic as
 it would alone: the same padded length (so attention reduces over the same positions) and the
 same per-row kernels. On CPU this makes a score bit-for-bit independent of what it was batched
 with (`tests/test_serve.py` checks it under concurrent clients, with several replicas too);
@@ -31,7 +32,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -50,10 +51,22 @@ class QueueFull(RuntimeError):
         self.retry_after = retry_after
 
 
+class _Request:
+    """One request's sequences: its future resolves once, with all their scores in order (one
+    wake-up of the event loop per request, not per sequence)."""
+
+    def __init__(self, n: int) -> None:
+        self.future: Future[list[float]] = Future()
+        self.scores = [0.0] * n
+        self.remaining = n
+        self.failed = False
+
+
 @dataclass
 class _Item:
     ids: list[int]
-    future: Future[float]
+    request: _Request
+    index: int  # position in its request
     order: int  # admission order: FIFO across buckets
 
 
@@ -72,7 +85,7 @@ class BatchStats:
 
 
 class Batcher:
-    """Queue of sequences to score; ``submit`` returns one future per sequence."""
+    """Queue of sequences to score; ``submit`` returns one future per request."""
 
     def __init__(
         self,
@@ -100,16 +113,24 @@ class Batcher:
         self.stats = BatchStats(per_worker=[0] * len(forwards))
 
     def bucket(self, n: int) -> int:
-        """The padded length of an n-id sequence: a function of n alone."""
-        return -(-max(n, 1) // self.pad_multiple) * self.pad_multiple
+        """The padded length of an n-id sequence, a function of n alone: n rounded up to a
+        multiple of ``pad_multiple``, or of 1/8 of n's power of two when that is larger, so long
+        texts waste at most 1/8 on padding while there are only 8 buckets per doubling."""
+        n = max(n, 1)
+        step = max(self.pad_multiple, (1 << (n.bit_length() - 1)) // 8)
+        return -(-n // step) * step
 
     @property
     def queued(self) -> int:
         return self._queued
 
-    def submit(self, seqs: Sequence[list[int]]) -> list[Future[float]]:
-        """Queue every sequence of one request, or none of them (:class:`QueueFull`)."""
-        futures: list[Future[float]] = [Future() for _ in seqs]
+    def submit(self, seqs: Sequence[list[int]]) -> Future[list[float]]:
+        """Queue every sequence of one request, or none of them (:class:`QueueFull`); the
+        future gives their raw scores in order."""
+        request = _Request(len(seqs))
+        if not seqs:
+            request.future.set_result([])
+            return request.future
         with self._cond:
             if self._stopping:
                 raise RuntimeError("the server is shutting down")
@@ -118,13 +139,13 @@ class Batcher:
                 rate = self._rate or 1.0
                 retry = min(60, max(1, math.ceil((self._queued + len(seqs)) / rate)))
                 raise QueueFull(self._queued, len(seqs), self.max_queue, retry)
-            for ids, future in zip(seqs, futures, strict=True):
+            for index, ids in enumerate(seqs):
                 self._order += 1
-                item = _Item(list(ids), future, self._order)
+                item = _Item(list(ids), request, index, self._order)
                 self._buckets.setdefault(self.bucket(len(ids)), deque()).append(item)
             self._queued += len(seqs)
             self._cond.notify_all()
-        return futures
+        return request.future
 
     def start(self) -> None:
         for i, name in enumerate(self.names):
@@ -157,7 +178,7 @@ class Batcher:
             while queue and len(items) < rows:
                 item = queue.popleft()
                 self._queued -= 1
-                if item.future.set_running_or_notify_cancel():  # False: its client left
+                if not (item.request.future.cancelled() or item.request.failed):  # client left
                     items.append(item)
             if not queue:
                 del self._buckets[length]
@@ -175,12 +196,23 @@ class Batcher:
                 if len(scores) != len(items):
                     raise RuntimeError(f"{len(scores)} scores for {len(items)} sequences")
             except Exception as exc:  # the error goes to every request waiting on this batch
-                self.stats.failed_batches += 1
-                for it in items:
-                    it.future.set_exception(exc)
+                with self._cond:
+                    self.stats.failed_batches += 1
+                    failed = {id(it.request): it.request for it in items if not it.request.failed}
+                    for request in failed.values():
+                        request.failed = True
+                for request in failed.values():
+                    _resolve(request.future, exception=exc)
                 continue
-            for it, score in zip(items, scores, strict=True):
-                it.future.set_result(score)
+            done = []
+            with self._cond:
+                for it, score in zip(items, scores, strict=True):
+                    it.request.scores[it.index] = score
+                    it.request.remaining -= 1
+                    if it.request.remaining == 0:
+                        done.append(it.request)
+            for request in done:
+                _resolve(request.future, result=request.scores)
             self._account(worker, len(items), length, sum(len(it.ids) for it in items), start)
 
     def _account(self, worker: int, n: int, length: int, real: int, start: float) -> None:
@@ -215,3 +247,18 @@ class Batcher:
                 "failed_batches": s.failed_batches,
                 "sequences_per_replica": list(s.per_worker),
             }
+
+
+def _resolve(
+    future: Future[list[float]],
+    result: list[float] | None = None,
+    exception: BaseException | None = None,
+) -> None:
+    """Set a request's outcome unless its client has cancelled it meanwhile."""
+    try:
+        if exception is not None:
+            future.set_exception(exception)
+        else:
+            future.set_result(result or [])
+    except InvalidStateError:
+        pass  # cancelled: nobody is waiting

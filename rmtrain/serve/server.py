@@ -160,12 +160,12 @@ class Service:
         """(served scores, raw scores): normalised with the export's stats when asked."""
         self._check_count(len(seqs))
         try:
-            futures = self.batcher.submit(seqs)
+            future = self.batcher.submit(seqs)
         except QueueFull as exc:
             raise ServeError(503, str(exc), headers={"Retry-After": str(exc.retry_after)}) from None
         except RuntimeError as exc:  # shutting down
             raise ServeError(503, str(exc), headers={"Retry-After": "5"}) from None
-        raw = list(await asyncio.gather(*(asyncio.wrap_future(f) for f in futures)))
+        raw: list[float] = await asyncio.wrap_future(future)
         if not all(math.isfinite(x) for x in raw):
             raise ServeError(500, "the model produced a non-finite score (broken weights?)")
         self.counts["requests"] += 1
@@ -383,9 +383,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--pad-multiple",
         type=int,
         default=32,
-        help="each text is padded to a multiple of this (its bucket); only texts of one bucket "
-        "share a forward, which makes scores independent of batching. Smaller wastes less "
-        "compute on padding (CPU), larger batches more texts together (GPU)",
+        help="each text is padded to a multiple of this (or of 1/8 of its length's power of "
+        "two, if larger): its bucket; only texts of one bucket share a forward, which makes "
+        "scores independent of batching. Smaller wastes less compute on padding (CPU), larger "
+        "batches more texts together (GPU)",
     )
     p.add_argument(
         "--max-queue", type=int, default=1024, help="texts waiting; beyond it requests get 503"
