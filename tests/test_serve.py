@@ -393,3 +393,53 @@ def test_json_output_is_strict(a) -> None:
     """Replies are plain JSON that any client parses (no NaN, no Infinity)."""
     r = a.post("/score", {"conversations": CONVERSATIONS})
     json.loads(r.text, parse_constant=lambda c: pytest.fail(f"non-JSON constant {c}"))
+
+
+# --------------------------------------------------------------------------- the batcher alone
+
+
+def test_buckets_by_hand() -> None:
+    from rmtrain.serve.batcher import Batcher
+
+    b = Batcher([lambda seqs, length: [0.0] * len(seqs)], pad_multiple=32)
+    got = {n: b.bucket(n) for n in (1, 32, 33, 256, 257, 300, 513, 600, 2000, 4097)}
+    assert got == {1: 32, 32: 32, 33: 64, 256: 256, 257: 288, 300: 320, 513: 576, 600: 640,
+                   2000: 2048, 4097: 4608}  # fmt: skip
+
+
+def test_batcher_merges_by_bucket_under_the_budget_and_survives_a_failing_forward() -> None:
+    """Batches hold one bucket, at most max_batch_tokens padded tokens, oldest bucket first; a
+    forward that raises fails every request in its batch, and the next batch runs."""
+    from rmtrain.serve.batcher import Batcher
+
+    calls: list[tuple[int, list[int]]] = []
+    gate = threading.Event()
+
+    def forward(seqs: list[list[int]], length: int) -> list[float]:
+        gate.wait(10)  # hold the first batch until everything is queued
+        calls.append((length, [len(s) for s in seqs]))
+        if any(s[0] == -1 for s in seqs):
+            raise RuntimeError("boom")
+        return [float(sum(s)) for s in seqs]
+
+    b = Batcher([forward], max_batch_tokens=128, max_queue=64, pad_multiple=32)
+    b.start()
+    try:
+        first = b.submit([[1] * 40])  # bucket 64: taken at once, held by the gate
+        while b.queued:
+            time.sleep(0.01)
+        long = b.submit([[2] * 40, [3] * 50, [4] * 60])  # bucket 64: 2 fit in 128 tokens
+        short = b.submit([[5] * 10, [6] * 20])  # bucket 32
+        bad = b.submit([[-1] * 5])  # bucket 32: shares a batch with `short`
+        gate.set()
+        assert first.result(10) == [40.0]
+        assert long.result(10) == [80.0, 150.0, 240.0]
+        with pytest.raises(RuntimeError, match="boom"):
+            short.result(10)
+        with pytest.raises(RuntimeError, match="boom"):
+            bad.result(10)
+        assert b.submit([[7] * 3]).result(10) == [21.0]  # still working
+    finally:
+        b.stop(10)
+    assert calls[:4] == [(64, [40]), (64, [40, 50]), (64, [60]), (32, [10, 20, 5])]
+    assert b.describe()["failed_batches"] == 1
