@@ -8,7 +8,8 @@ bucket. Every row of a batch then goes through exactly the same arithmetic as
 it would alone: the same padded length (so attention reduces over the same positions) and the
 same per-row kernels. On CPU this makes a score bit-for-bit independent of what it was batched
 with (`tests/test_serve.py` checks it under concurrent clients, with several replicas too);
-padding to the longest row instead moves scores by up to ~1e-6 (fp32) as batch-mates change.
+padding to the longest row instead moves fp32 scores in their last bits as batch-mates change
+(here up to 7e-7 for a 4-layer SmolLM2-shaped model).
 On GPU the padded length is fixed the same way, but cuBLAS may pick a different GEMM kernel
 for a different number of rows, so the last bits are not guaranteed there (untested here).
 
