@@ -145,6 +145,7 @@ FORMATS = (
     "ultrafeedback",
     "conversational",
     "conversational_implicit",
+    "rewardbench2",
     "rmbench",
     "rewardbench",
     "hh_rlhf",

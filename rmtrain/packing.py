@@ -123,13 +123,19 @@ def _lengths(seqs: Sequence[Sequence[int] | np.ndarray]) -> list[int]:
 
 
 def pad_sequences(
-    seqs: Sequence[Sequence[int] | np.ndarray], pad_token_id: int, padding_side: str = "right"
+    seqs: Sequence[Sequence[int] | np.ndarray],
+    pad_token_id: int,
+    padding_side: str = "right",
+    length: int | None = None,
 ) -> Rows:
-    """One row per sequence, padded to the longest on `padding_side`, with an attention mask."""
+    """One row per sequence, padded on `padding_side` to the longest (or to `length`), with an
+    attention mask."""
     if padding_side not in ("left", "right"):
         raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
     lens = _lengths(seqs)
-    width = max(lens)
+    if length is not None and length < max(lens):
+        raise ValueError(f"cannot pad to length {length}: a sequence has {max(lens)} ids")
+    width = max(lens) if length is None else length
     input_ids = torch.full((len(seqs), width), pad_token_id, dtype=torch.long)
     attention_mask = torch.zeros((len(seqs), width), dtype=torch.long)
     starts = [0 if padding_side == "right" else width - n for n in lens]
