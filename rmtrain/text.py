@@ -258,6 +258,12 @@ def query_ids(tokenizer: Any, text: str, frame: QueryFrame | None = None) -> lis
     `/score` instead).
     """
     frame = frame or query_frame(tokenizer)
+    # Leading BOS strings go before tokenizing: a sentencepiece tokenizer that prefixes "▁" only
+    # to the text's first piece (Mistral v0.3's Metaspace "first") would otherwise tokenize what
+    # follows a written BOS without it.
+    bos_text = tokenizer.bos_token
+    while bos_text and text.startswith(bos_text):
+        text = text[len(bos_text) :]
     ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
     start = 0
     while frame.bos_id is not None and start < len(ids) and ids[start] == frame.bos_id:
