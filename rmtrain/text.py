@@ -18,6 +18,11 @@ template is decided once, when the tokenizer is loaded for training (:func:`trai
   string; read at `<|eot_id|>`.
 - Llama-2 / sentencepiece (BOS added, no chat template, so `safe_rlhf`):
   `BEGINNING OF CONVERSATION: USER: {p} ASSISTANT:{r}</s>`; read at `</s>`.
+- Gemma (BOS in the template and added; turns end `<end_of_turn>\n`, EOS `<eos>`): the render
+  without its leading `<bos>`, then `<eos>`; read at `<eos>`.
+- Qwen3 (ChatML without a BOS token): the render untouched, the scored turn with the template's
+  `<think>\n\n</think>\n\n` block; read at the final `\n`.
+- Mistral (`[INST]`, BOS in the template and added): `[INST] {p}[/INST] {r}</s>`; read at `</s>`.
 - rmtrain's tiny tokenizer (Llama-3-like, turns end with `<|end|>`): the render without its
   leading BOS, then EOS; read at `</s>`.
 
@@ -74,7 +79,8 @@ def trained_template(tokenizer: Any, template: str) -> str:
     base = getattr(tokenizer, "chat_template", None)
     if not isinstance(base, str) or not base:
         raise TextError(
-            f"data.template=chat: tokenizer {tokenizer.name_or_path!r} has no chat_template"
+            f"data.template=chat: tokenizer {tokenizer.name_or_path!r} has no chat_template "
+            f"(a base model); use data.template=safe_rlhf, which works with any tokenizer"
         )
     if _EOS_SUFFIX in base:
         return base
@@ -252,6 +258,12 @@ def query_ids(tokenizer: Any, text: str, frame: QueryFrame | None = None) -> lis
     `/score` instead).
     """
     frame = frame or query_frame(tokenizer)
+    # Leading BOS strings go before tokenizing: a sentencepiece tokenizer that prefixes "▁" only
+    # to the text's first piece (Mistral v0.3's Metaspace "first") would otherwise tokenize what
+    # follows a written BOS without it.
+    bos_text = tokenizer.bos_token
+    while bos_text and text.startswith(bos_text):
+        text = text[len(bos_text) :]
     ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
     start = 0
     while frame.bos_id is not None and start < len(ids) and ids[start] == frame.bos_id:

@@ -171,6 +171,7 @@ def load_text_format(cfg: Config) -> tuple[Any, dict[str, Any]]:
     tokenizer = hf.load_tokenizer(cfg.model)
     text.use_template(tokenizer, cfg.data.template)
     model_config = hf.score_model_config(cfg.model, tokenizer)
+    hf.check_training(model_config, cfg.model, cfg.trainer.packing)
     context = getattr(model_config, "max_position_embeddings", None)
     if context is not None and cfg.data.max_length > context:
         raise ConfigError(

@@ -59,9 +59,10 @@ def _queries(tok: Any, conversation: list[dict[str, str]]) -> dict[str, str]:
     out = {
         "rmtrain render": render(tok, conversation),
         "apply_chat_template": raw,  # Llama-3 and tiny: BOS in the text and added again
-        "double BOS": tok.bos_token + raw,
     }
-    if raw.startswith(tok.bos_token):  # verl strips bos_token from every render
+    if tok.bos_token:  # Qwen3 has no BOS token at all
+        out["double BOS"] = tok.bos_token + raw
+    if tok.bos_token and raw.startswith(tok.bos_token):  # verl strips bos_token from a render
         out["verl (BOS stripped)"] = raw[len(tok.bos_token) :]
     # A policy's text: the generation prompt, then the reply. Only where the template renders
     # a finished reply right after its generation prompt (a template that renders past replies
