@@ -1098,8 +1098,10 @@ def regroup(records: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     for (source, line), row in rows.items():
         n_c, n_r = len(row["c"]), len(row["r"])
         square = key == "style"  # RM-Bench compares every variant with every variant
-        if sorted(row["c"]) != list(range(n_c)) or sorted(row["r"]) != list(range(n_r)) or (
-            square and n_c != n_r
+        if (
+            sorted(row["c"]) != list(range(n_c))
+            or sorted(row["r"]) != list(range(n_r))
+            or (square and n_c != n_r)
         ):
             raise ValueError(f"{source}:{line}: a {key} row without all its responses")
         lens = all(row[k][i] is not None for k, n in (("cl", n_c), ("rl", n_r)) for i in range(n))
