@@ -19,7 +19,11 @@ COMMANDS = {
     "score": ("rmtrain.score", "score a JSONL file with an exported model"),
     "eval": (
         "rmtrain.eval.run",
-        "evaluate a model on preference files (RewardBench, RM-Bench, PKU)",
+        "evaluate a model on preference files (RewardBench 1 and 2, RM-Bench, PKU)",
+    ),
+    "serve": (
+        "rmtrain.serve",
+        "serve a model over HTTP for RL loops (OpenRLHF, vLLM/verl protocols)",
     ),
     "config": ("rmtrain.cli", "list every config key with its type, default and help"),
     "sample-data": ("rmtrain.toy.sample_data", "write rmtrain's generated sample dataset"),

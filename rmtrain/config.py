@@ -40,10 +40,18 @@ def _choice(key: str, value: Any, allowed: tuple[Any, ...]) -> None:
         raise ConfigError(f"{key}={value!r} is not one of {', '.join(map(str, allowed))}")
 
 
+# The architectures `model.toy.model_type` builds (rmtrain.arch.VERIFIED; a test checks they agree).
+TOY_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3")
+
+
 @dataclass
 class ToyConfig:
-    """Shape of the random-init tiny LLaMA (used only when model.name_or_path=tiny)."""
+    """Shape of the random-init tiny model (used only when model.name_or_path=tiny)."""
 
+    model_type: str = "llama"
+    """Architecture of the tiny model: llama, mistral, qwen2, qwen3, gemma2, gemma3_text, phi3
+    (each with its own features: sliding windows, Gemma 2's soft-capping, Phi-3's fused
+    projections, head_dim other than hidden/heads for qwen3 and Gemma)."""
     hidden_size: int = 64
     """Width of the tiny model."""
     intermediate_size: int = 128
@@ -56,8 +64,18 @@ class ToyConfig:
     """Key/value heads (grouped-query attention); divides num_attention_heads."""
     max_position_embeddings: int = 1024
     """Context length."""
+    sliding_window: int = 16
+    """Window of the sliding-window layers (mistral, phi3: every layer; qwen2/qwen3: the layers
+    after the first; gemma2/gemma3_text: alternating), small so that sample sequences are
+    longer than it; llama ignores it."""
+    head_dim: int | None = None
+    """Width of one attention head; None: hidden_size / num_attention_heads, but twice that for
+    qwen3, gemma2 and gemma3_text (whose real checkpoints have head_dim > hidden / heads)."""
 
     def __post_init__(self) -> None:
+        _choice("model.toy.model_type", self.model_type, TOY_MODEL_TYPES)
+        if self.sliding_window < 1 or (self.head_dim is not None and self.head_dim < 1):
+            raise ConfigError("model.toy.sliding_window and model.toy.head_dim must be >= 1")
         if self.hidden_size % self.num_attention_heads:
             raise ConfigError(
                 "model.toy.hidden_size must be divisible by model.toy.num_attention_heads"
@@ -80,12 +98,9 @@ class LoRAConfig:
     """Scaling numerator: adapters are scaled by alpha / r."""
     dropout: float = 0.0
     """Dropout on the adapter input."""
-    target_modules: list[str] = field(
-        default_factory=lambda: [
-            "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"
-        ]
-    )  # fmt: skip
-    """Linear layers that get adapters."""
+    target_modules: list[str] = field(default_factory=list)
+    """Linear layers that get adapters; empty: the architecture's attention and MLP projections
+    (q/k/v/o_proj + gate/up/down_proj; Phi-3: qkv_proj, o_proj, gate_up_proj, down_proj)."""
     save_adapter: bool = False
     """Also write the adapter alone (peft format) to <export>/adapter."""
 
@@ -94,8 +109,6 @@ class LoRAConfig:
             raise ConfigError("model.lora.r must be >= 1 and model.lora.alpha > 0")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError("model.lora.dropout must be in [0, 1)")
-        if not self.target_modules:
-            raise ConfigError("model.lora.target_modules must name at least one module")
 
 
 @dataclass
@@ -103,8 +116,10 @@ class ModelConfig:
     """The backbone the score model is built on."""
 
     name_or_path: str = MISSING
-    """A local directory or hub id of a LLaMA checkpoint (causal LM or base; the score head
-    starts fresh), or "tiny": a random-init tiny LLaMA with rmtrain's own tokenizer."""
+    """A local directory or hub id of a decoder checkpoint (causal LM or base; the score head
+    starts fresh): LLaMA, Mistral, Qwen2/3, Gemma 2/3, Phi-3 or another decoder transformers
+    loads as a sequence classifier (README "Architectures"), or "tiny": a random-init tiny
+    model (model.toy.model_type) with rmtrain's own tokenizer."""
     revision: str | None = None
     """Hub revision of the checkpoint (pin it for reproducible runs)."""
     toy: ToyConfig = field(default_factory=ToyConfig)
@@ -115,8 +130,10 @@ class ModelConfig:
     """Padding side used when batching ("left" or "right"); scores do not depend on it."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass (less memory, ~30% more compute)."""
-    attn_implementation: str = "sdpa"
-    """Attention kernel passed to transformers ("sdpa", "eager", "flash_attention_2")."""
+    attn_implementation: str = "auto"
+    """Attention kernel passed to transformers: "auto" (the architecture's recommended one:
+    eager for Gemma 2, whose soft-capping sdpa cannot apply; sdpa otherwise), "sdpa", "eager",
+    "flash_attention_2", "flash_attention_3", "flex_attention"."""
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     """LoRA adapters (off by default: full fine-tuning)."""
 
@@ -125,7 +142,7 @@ class ModelConfig:
         _choice(
             "model.attn_implementation",
             self.attn_implementation,
-            ("sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention"),
+            ("auto", "sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention"),
         )
 
 
@@ -135,6 +152,7 @@ FORMATS = (
     "ultrafeedback",
     "conversational",
     "conversational_implicit",
+    "rewardbench2",
     "rmbench",
     "rewardbench",
     "hh_rlhf",

@@ -21,7 +21,7 @@ from rmtrain.batch import Layout, collate, pair_scores
 from rmtrain.batching import eval_shards
 from rmtrain.data.table import PairTable
 from rmtrain.engine import Engine, broadcast_object, gather_object
-from rmtrain.eval.metrics import EvalSet, Kind, headline, regroup_styles, summarize
+from rmtrain.eval.metrics import EvalSet, Kind, headline, regroup, summarize
 from rmtrain.eval.outputs import worst_pairs
 from rmtrain.loggers import MetricLogger
 from rmtrain.losses import PairLoss
@@ -100,9 +100,7 @@ class Evaluator:
             unsafe = (table.label("chosen_unsafe", index), table.label("rejected_unsafe", index))
             scalars["sign_accuracy"] = sign_accuracy(chosen, rejected, *unsafe)
 
-        records = [table.record(int(i), c, r) for i, c, r, _ in rows]
-        if records and all("style" in rec for rec in records):
-            records = regroup_styles(records)
+        records = regroup([table.record(int(i), c, r) for i, c, r, _ in rows])
         result = EvalSet(name, summarize(records, kind=self.kind), records,
                          worst_pairs(records, self.kind))  # fmt: skip
         if self.decode is not None:

@@ -2,7 +2,8 @@
 
 An export is what plain transformers loads with
 `AutoModelForSequenceClassification.from_pretrained(dir)` or `pipeline("text-classification")`:
-`config.json` (LlamaForSequenceClassification, num_labels=1, pad_token_id set), sharded
+`config.json` (the architecture's `*ForSequenceClassification`, num_labels=1, pad_token_id set,
+`problem_type: "regression"` so that pipelines and vLLM return the raw score), sharded
 `model-0000k-of-0000N.safetensors` + `model.safetensors.index.json`, the tokenizer files with the
 chat template the model was trained with (:mod:`rmtrain.text`), and a `README.md` model card.
 Written by transformers 5, it also loads in transformers 4.x from 4.34.1 on
@@ -23,11 +24,11 @@ import torch
 from huggingface_hub import save_torch_state_dict
 from transformers import AutoConfig, AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
 
-from rmtrain import text, toy
+from rmtrain import arch, text, toy
 from rmtrain.config import Config, LoRAConfig, ModelConfig
 from rmtrain.errors import ConfigError
 from rmtrain.files import atomic_directory
-from rmtrain.model import LlamaScoreModel
+from rmtrain.model import score_model_class
 
 PAD_TOKEN = "<pad>"
 # The config keys that fix the shape of the weights: a checkpoint resumes only into the same.
@@ -76,6 +77,7 @@ def load_text_format(cfg: Config) -> tuple[Any, dict[str, Any]]:
     tokenizer = load_tokenizer(cfg.model)
     text.use_template(tokenizer, cfg.data.template)
     model_config = score_model_config(cfg.model, tokenizer)
+    check_training(model_config, cfg.model, cfg.trainer.packing)
     context = getattr(model_config, "max_position_embeddings", None)
     if context is not None and cfg.data.max_length > context:
         raise ConfigError(
@@ -96,10 +98,11 @@ def _load(loader: Any, key: str, name: str, **kwargs: Any) -> Any:
 
 
 def score_model_config(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> PretrainedConfig:
-    """The score model's transformers config (num_labels=1, the tokenizer's special ids)."""
+    """The score model's transformers config (num_labels=1, the tokenizer's special ids); a
+    backbone rmtrain cannot train is one `ConfigError` naming its model_type (`rmtrain.arch`)."""
     config: PretrainedConfig
     if toy.is_toy(cfg.name_or_path):
-        config = toy.llama_config(cfg.toy, len(tokenizer))
+        config = toy.model_config(cfg.toy, len(tokenizer))
     else:
         config = _load(
             AutoConfig.from_pretrained,
@@ -107,12 +110,7 @@ def score_model_config(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> 
             cfg.name_or_path,
             revision=cfg.revision,
         )
-    if config.model_type != "llama":
-        raise ConfigError(
-            f"model.name_or_path={cfg.name_or_path}: model_type {config.model_type!r} is not "
-            "supported; rmtrain trains LLaMA-architecture backbones (model_type 'llama', exported "
-            "as LlamaForSequenceClassification)"
-        )
+    arch.resolve(config, where=f"model.name_or_path={cfg.name_or_path}")
     config.num_labels = 1
     config.pad_token_id = tokenizer.pad_token_id
     config.bos_token_id = tokenizer.bos_token_id
@@ -129,10 +127,21 @@ def trained_vocab_size(config: PretrainedConfig, tokenizer: PreTrainedTokenizerB
 
 
 def architecture(config: PretrainedConfig, tokenizer: PreTrainedTokenizerBase) -> dict[str, Any]:
-    """The shape-defining part of the score model's config (recorded in checkpoints)."""
-    arch = {k: getattr(config, k, None) for k in ARCHITECTURE_KEYS}
-    arch["vocab_size"] = trained_vocab_size(config, tokenizer)
-    return arch
+    """The shape-defining part of the score model's config (recorded in checkpoints).
+    `head_dim` only where it is not hidden / heads (Qwen3, Gemma), so the record of a LLaMA
+    checkpoint written before it existed still matches."""
+    shape = {k: getattr(config, k, None) for k in ARCHITECTURE_KEYS}
+    shape["vocab_size"] = trained_vocab_size(config, tokenizer)
+    head_dim = getattr(config, "head_dim", None)
+    if head_dim and head_dim * config.num_attention_heads != config.hidden_size:
+        shape["head_dim"] = head_dim
+    return shape
+
+
+def check_training(model_config: PretrainedConfig, cfg: ModelConfig, packing: bool) -> str:
+    """The attention implementation the run builds with; one `ConfigError` for a setting the
+    backbone's architecture does not support (sdpa for Gemma 2, packing where unverified)."""
+    return arch.check_training(arch.resolve(model_config), cfg.attn_implementation, packing)
 
 
 def random_init(cfg: ModelConfig) -> bool:
@@ -142,21 +151,25 @@ def random_init(cfg: ModelConfig) -> bool:
 
 def build_score_model(
     cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, dtype: torch.dtype
-) -> LlamaScoreModel:
-    """Random-init tiny LLaMA, or a LLaMA checkpoint (causal LM or base) with a fresh score head.
+) -> Any:
+    """Random-init tiny model, or a checkpoint (causal LM or base) with a fresh score head, as
+    the architecture's score model (`rmtrain.model.score_model_class`).
 
     Call inside `engine.model_init_context` so ZeRO-3 shards while loading.
     """
     config = score_model_config(cfg, tokenizer)
+    architecture = arch.resolve(config)
+    model_class: Any = score_model_class(config.model_type)
     if tokenizer.pad_token_id >= config.vocab_size:
         # `<pad>` was added to the tokenizer: build with the checkpoint's vocabulary (an embedding
         # cannot have padding_idx outside it), resize, then record the pad id.
         config.pad_token_id = None
-    kwargs: dict[str, Any] = {"dtype": dtype, "attn_implementation": cfg.attn_implementation}
+    impl = architecture.check_attention(cfg.attn_implementation)
+    kwargs: dict[str, Any] = {"dtype": dtype, "attn_implementation": impl}
     if random_init(cfg):
-        model = LlamaScoreModel._from_config(config, **kwargs)
+        model = model_class._from_config(config, **kwargs)
     else:
-        model = LlamaScoreModel.from_pretrained(
+        model = model_class.from_pretrained(
             cfg.name_or_path, config=config, revision=cfg.revision or "main", **kwargs
         )
     if trained_vocab_size(config, tokenizer) > model.config.vocab_size:
@@ -169,8 +182,26 @@ def build_score_model(
     return model
 
 
-def add_lora(model: LlamaScoreModel, lora: LoRAConfig) -> Any:
-    """peft LoRA adapters on `lora.target_modules`; the score head is trained in full
+def lora_targets(model: Any, lora: LoRAConfig) -> list[str]:
+    """`lora.target_modules`, or the architecture's projections when it is empty; a name no
+    linear layer of the backbone has is a `ConfigError` listing the names it has."""
+    targets = list(lora.target_modules) or list(arch.resolve(model.config).lora_targets)
+    linear = {
+        name.rsplit(".", 1)[-1]
+        for name, module in model.named_modules()
+        if isinstance(module, torch.nn.Linear) and not name.startswith("score")
+    }
+    missing = [t for t in targets if t not in linear]
+    if missing:
+        raise ConfigError(
+            f"model.lora.target_modules: {', '.join(missing)} not in this "
+            f"{model.config.model_type} backbone; its linear layers: {', '.join(sorted(linear))}"
+        )
+    return targets
+
+
+def add_lora(model: Any, lora: LoRAConfig) -> Any:
+    """peft LoRA adapters on `lora_targets`; the score head is trained in full
     (`modules_to_save`). The result's forward is the score model's."""
     from peft import LoraConfig, get_peft_model
 
@@ -178,7 +209,7 @@ def add_lora(model: LlamaScoreModel, lora: LoRAConfig) -> Any:
         r=lora.r,
         lora_alpha=lora.alpha,
         lora_dropout=lora.dropout,
-        target_modules=list(lora.target_modules),
+        target_modules=lora_targets(model, lora),
         modules_to_save=["score"],
     )
     if getattr(model, "is_gradient_checkpointing", False):
@@ -260,8 +291,11 @@ def _write_export(
     extra_config: dict[str, Any],
 ) -> None:
     config = model_config.__class__.from_dict(model_config.to_dict())
-    config.architectures = ["LlamaForSequenceClassification"]
+    config.architectures = [arch.sequence_classifier(config.model_type).__name__]
     config.num_labels = 1
+    # a regression head: transformers' text-classification pipeline and vLLM's pooling runner
+    # then return the raw score by default instead of a sigmoid of it
+    config.problem_type = "regression"
     config.pad_token_id = tokenizer.pad_token_id
     config.dtype = next(iter(state_dict.values())).dtype
     for key, value in extra_config.items():

@@ -1,13 +1,16 @@
-"""The score model: a LLaMA backbone with a linear score head.
+"""The score model: any decoder backbone with a linear score head (rmtrain.arch lists them).
 
-`LlamaScoreModel` subclasses transformers' `LlamaForSequenceClassification`, so its parameters
-have exactly the names plain transformers expects (`model.*`, `score.weight`) and an export loads
-with `AutoModelForSequenceClassification`. Only `forward` differs: it returns what safe-rlhf's
-score model returns (per-token `scores`, `end_scores` at the last real token, the hidden states,
-`end_index`) instead of pooled logits.
+The score model of an architecture is transformers' own `*ForSequenceClassification` of it
+(`LlamaForSequenceClassification`, `Qwen3ForSequenceClassification`, ...) with
+:class:`ScoreModelMixin` in front, so its parameters have exactly the names plain transformers
+expects (`model.*`, `score.weight`) and an export loads with
+`AutoModelForSequenceClassification`. Only `forward` differs: it returns what safe-rlhf's score
+model returns (per-token `scores`, `end_scores` at the last real token, the hidden states,
+`end_index`) instead of pooled logits. `score_model_class(model_type)` builds that class once per
+architecture; `LlamaScoreModel` is LLaMA's.
 
 `AutoModelForScore.from_pretrained(path)` is the safe-rlhf entry point: it loads an rmtrain export
-(or any LLaMA `LlamaForSequenceClassification` checkpoint with one label) and a safe-rlhf
+(or any supported `*ForSequenceClassification` checkpoint with one label) and a safe-rlhf
 `LlamaForScore` checkpoint (`model.*` + `score_head.weight`/`score_head.bias`, config with
 `score_dim` and `bias`), whose `score_head` becomes `score` (with a bias when it has one).
 
@@ -21,6 +24,7 @@ token equals EOS (where "rightmost non-pad id" lands on the token before the EOS
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from dataclasses import dataclass
@@ -28,8 +32,10 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import AutoConfig, LlamaConfig, LlamaForSequenceClassification
+from transformers import AutoConfig, LlamaForSequenceClassification, PretrainedConfig
 from transformers.utils import ModelOutput
+
+from rmtrain import arch
 
 # safe-rlhf's LlamaForScore keeps the head as `score_head`; transformers calls it `score`.
 SAFE_RLHF_KEY_MAPPING = {r"^score_head\.": "score."}
@@ -76,20 +82,27 @@ def score_stats(config: Any, stats: str = "eval") -> tuple[float, float]:
     return float(mean), float(std)
 
 
-class LlamaScoreModel(LlamaForSequenceClassification):
-    """LLaMA + score head returning per-token and end scores.
+class ScoreModelMixin:
+    """Put in front of a transformers `*ForSequenceClassification` (a decoder `model` and a
+    linear `score` head): per-token and end scores instead of pooled logits.
 
     `config.score_bias=True` gives the head a bias (safe-rlhf checkpoints with `bias: true`);
     the default has none, so an rmtrain export stays the plain transformers layout.
     """
 
     # safe-rlhf checkpoints may carry their normaliser's buffers; they are not weights.
-    _keys_to_ignore_on_load_unexpected = [r"^normalizer\."]  # noqa: RUF012
+    _keys_to_ignore_on_load_unexpected: set[str] | list[str] | None = [r"^normalizer\."]  # noqa: RUF012
+    # what the transformers class behind the mixin provides
+    config: Any
+    num_labels: int
+    score: Any
+    base_model: Any  # the decoder (transformers' `model`)
 
-    def __init__(self, config: LlamaConfig) -> None:
-        super().__init__(config)
+    def __init__(self, config: PretrainedConfig) -> None:
+        super().__init__(config)  # type: ignore[call-arg]
         if getattr(config, "score_bias", False):
-            self.score = nn.Linear(config.hidden_size, self.num_labels, bias=True)
+            hidden = config.get_text_config().hidden_size
+            self.score = nn.Linear(hidden, self.num_labels, bias=True)
 
     def normalize_scores(self, scores: torch.Tensor, stats: str = "eval") -> torch.Tensor:
         """(scores - mean) / std with the statistics recorded at training time."""
@@ -125,18 +138,17 @@ class LlamaScoreModel(LlamaForSequenceClassification):
                 raise ValueError(f"attention {impl!r} sees packed sequences only in ONE row")
             # attention_mask=None and use_cache=False are both required for transformers to find
             # the sequence boundaries in position_ids (rmtrain.packing's module docstring).
-            hidden = self.model(
+            hidden = self.base_model(
                 input_ids=input_ids,
                 position_ids=position_ids,
                 attention_mask=None,
-                past_key_values=None,
                 use_cache=False,
             ).last_hidden_state
             rows, end_index = seq_row, seq_end
         else:
             if attention_mask is None:
                 attention_mask = torch.ones_like(input_ids)
-            hidden = self.model(
+            hidden = self.base_model(
                 input_ids=input_ids,
                 attention_mask=attention_mask,
                 position_ids=position_ids_from_mask(attention_mask),
@@ -156,6 +168,24 @@ class LlamaScoreModel(LlamaForSequenceClassification):
         )
 
 
+class LlamaScoreModel(ScoreModelMixin, LlamaForSequenceClassification):
+    """LLaMA + score head returning per-token and end scores."""
+
+
+@functools.cache
+def score_model_class(model_type: str) -> type[ScoreModelMixin]:
+    """The score model class of an architecture: :class:`ScoreModelMixin` in front of its
+    transformers `*ForSequenceClassification` (`rmtrain.arch.sequence_classifier`)."""
+    if model_type == "llama":
+        return LlamaScoreModel
+    base = arch.sequence_classifier(model_type)
+    name = base.__name__.removesuffix("ForSequenceClassification") + "ScoreModel"
+    cls: type[ScoreModelMixin] = type(
+        name, (ScoreModelMixin, base), {"__module__": __name__, "__doc__": base.__doc__}
+    )
+    return cls
+
+
 def is_safe_rlhf_config(config: Any) -> bool:
     """A safe-rlhf score model config (`LlamaForScore`, `score_dim`)."""
     archs = getattr(config, "architectures", None) or []
@@ -168,10 +198,12 @@ _CONFIG_KWARGS = ("revision", "cache_dir", "token", "local_files_only", "force_d
 class AutoModelForScore:
     """safe-rlhf's entry point: `AutoModelForScore.from_pretrained(path, dtype=..., ...)`.
 
-    Returns a `LlamaScoreModel` (in eval mode) whose forward gives `ScoreModelOutput`. Loads
-    rmtrain exports, plain `LlamaForSequenceClassification` checkpoints and safe-rlhf
-    `LlamaForScore` checkpoints; a score head missing from the checkpoint is an error, never a
-    silent random init.
+    Returns the architecture's score model (:func:`score_model_class`, in eval mode) whose
+    forward gives `ScoreModelOutput`. Loads rmtrain exports, plain `*ForSequenceClassification`
+    checkpoints of every architecture `rmtrain.arch` accepts and safe-rlhf `LlamaForScore`
+    checkpoints; a score head missing from the checkpoint is an error, never a silent random
+    init. The attention implementation defaults to the one the architecture trains with
+    (`rmtrain.arch`: eager for Gemma 2, sdpa otherwise).
     """
 
     def __init__(self) -> None:
@@ -180,26 +212,24 @@ class AutoModelForScore:
     @classmethod
     def from_pretrained(
         cls, pretrained_model_name_or_path: str | os.PathLike[str], *args: Any, **kwargs: Any
-    ) -> LlamaScoreModel:
+    ) -> Any:
         path = pretrained_model_name_or_path
         config = kwargs.pop("config", None)
         if config is None:
             hub = {k: kwargs[k] for k in _CONFIG_KWARGS if k in kwargs}
             config = AutoConfig.from_pretrained(path, **hub)
-        if getattr(config, "model_type", None) != "llama":
-            raise ValueError(
-                f"{path}: AutoModelForScore supports LLaMA checkpoints, got model_type "
-                f"{getattr(config, 'model_type', None)!r}"
-            )
+        architecture = arch.resolve(config, where=str(path))
+        kwargs.setdefault("attn_implementation", architecture.attention)
         if is_safe_rlhf_config(config):
             config.num_labels = int(getattr(config, "score_dim", 1))
             config.score_bias = bool(getattr(config, "bias", False))
             kwargs.setdefault("key_mapping", SAFE_RLHF_KEY_MAPPING)
         want_info = kwargs.pop("output_loading_info", False)
-        loaded: Any = LlamaScoreModel.from_pretrained(
+        model_class: Any = score_model_class(config.model_type)
+        loaded: Any = model_class.from_pretrained(
             path, *args, config=config, output_loading_info=True, **kwargs
         )
-        model: LlamaScoreModel = loaded[0]
+        model = loaded[0]
         info: dict[str, Any] = loaded[1]
         missing = sorted(k for k in info.get("missing_keys", ()) if k.startswith("score."))
         if missing:
@@ -207,4 +237,4 @@ class AutoModelForScore:
                 f"{path}: the checkpoint has no score head ({', '.join(missing)} missing); "
                 f"it is not a reward/score model"
             )
-        return (model, info) if want_info else model  # type: ignore[return-value]
+        return (model, info) if want_info else model

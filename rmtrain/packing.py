@@ -13,8 +13,14 @@ builds the mask with `masking_utils.create_causal_mask`, which calls
 `find_packed_sequence_indices` (a new sequence starts wherever consecutive positions do not
 increase by exactly 1) and ANDs the causal mask with "same sequence" -- a block-diagonal causal
 mask, materialised as a bool `[R, 1, T, T]` tensor for sdpa and an additive float one for eager.
-No hand-written mask is needed. Two conditions, both required (violating either silently gives a
-plain causal mask that attends across sequences; the test suite checks both):
+No hand-written mask is needed. Sliding-window layers (Mistral, Qwen, Gemma 2/3, Phi-3:
+`create_sliding_window_causal_mask`) go through the same detection, and
+`remap_positions_for_packed_sequence` applies the window to each sequence's own positions. A
+row's padding tail is numbered in runs no longer than the longest sequence, so no position
+exceeds the padded batch's largest: RoPE variants that choose their frequencies from it (Phi-3's
+LongRoPE, "dynamic") see the same batch packed and padded. Two conditions, both required
+(violating either silently gives a plain causal mask that attends across sequences; the test
+suite checks both):
 
 * `attention_mask` must be None. Any 2-D mask, even all ones, switches detection off.
 * `past_key_values` must be None, i.e. `use_cache=False` explicitly. `LlamaConfig.use_cache`
@@ -117,13 +123,19 @@ def _lengths(seqs: Sequence[Sequence[int] | np.ndarray]) -> list[int]:
 
 
 def pad_sequences(
-    seqs: Sequence[Sequence[int] | np.ndarray], pad_token_id: int, padding_side: str = "right"
+    seqs: Sequence[Sequence[int] | np.ndarray],
+    pad_token_id: int,
+    padding_side: str = "right",
+    length: int | None = None,
 ) -> Rows:
-    """One row per sequence, padded to the longest on `padding_side`, with an attention mask."""
+    """One row per sequence, padded on `padding_side` to the longest (or to `length`), with an
+    attention mask."""
     if padding_side not in ("left", "right"):
         raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
     lens = _lengths(seqs)
-    width = max(lens)
+    if length is not None and length < max(lens):
+        raise ValueError(f"cannot pad to length {length}: a sequence has {max(lens)} ids")
+    width = max(lens) if length is None else length
     input_ids = torch.full((len(seqs), width), pad_token_id, dtype=torch.long)
     attention_mask = torch.zeros((len(seqs), width), dtype=torch.long)
     starts = [0 if padding_side == "right" else width - n for n in lens]
@@ -166,7 +178,8 @@ def pack_sequences(
     """Concatenate `seqs` into one row (`max_row_tokens=None`) or into rows of at most
     `max(max_row_tokens, longest)` tokens (first-fit decreasing), right-padded to one width
     rounded up to `pad_to_multiple_of`. Outputs keep the order of `seqs` (index i = seqs[i]).
-    A row's padding tail is a position run of its own, so it only attends to itself."""
+    A row's padding tail is numbered in runs of at most the longest sequence, each attending only
+    to itself."""
     lens = _lengths(seqs)
     if max_row_tokens is None:
         rows = [list(range(len(seqs)))]
@@ -187,8 +200,13 @@ def pack_sequences(
             position_ids[r, col : col + n] = torch.arange(n)
             seq_row[i], seq_start[i] = r, col
             col += n
-        if col < width:
-            position_ids[r, col:] = torch.arange(width - col)
+        # The padding tail: runs of at most the longest sequence's length, each seeing only
+        # itself, so no position exceeds the padded batch's largest (RoPE variants that pick
+        # their frequencies from the largest position, Phi-3's LongRoPE and "dynamic", then
+        # see the same batch as padded).
+        for start in range(col, width, max(lens)):
+            run = min(max(lens), width - start)
+            position_ids[r, start : start + run] = torch.arange(run)
     return Rows(
         input_ids=input_ids,
         seq_row=seq_row,
@@ -276,7 +294,6 @@ def packed_forward(backbone: nn.Module, rows: Rows) -> torch.Tensor:
         input_ids=rows.input_ids.to(device),
         position_ids=rows.position_ids.to(device),
         attention_mask=None,  # a 2-D mask (even all ones) disables packed-sequence detection
-        past_key_values=None,
         use_cache=False,  # a cache (config default use_cache=True) disables it too
     )
     hidden: torch.Tensor = out.last_hidden_state

@@ -29,6 +29,7 @@ import torch
 from rmtrain.data.formats import raw_pairs, resolve
 from rmtrain.data.pairs import tokenize_pairs
 from rmtrain.errors import DataError, UserError, where
+from rmtrain.eval.metrics import MULTI_RESPONSE_KEYS
 from rmtrain.files import read_jsonl, write_atomic, write_jsonl
 from rmtrain.model import NORMALIZE_STATS
 from rmtrain.objective import oriented_gap
@@ -114,7 +115,8 @@ def score_rows(
         for p in range(len(table)):
             meta = table.meta_of(p)
             i = index_of_line[meta["row"]]
-            style = meta.get("style")  # RM-Bench: [chosen variant, rejected variant]
+            # RM-Bench / RewardBench 2 rows: [chosen response, rejected response] of the row
+            style = next((meta[k] for k in MULTI_RESPONSE_KEYS if k in meta), None)
             ends = [
                 add(
                     table.seq(side, p),

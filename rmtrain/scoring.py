@@ -154,6 +154,20 @@ class Scorer:
         return self.score_sequences(self.encode(texts), progress, desc)
 
     @torch.inference_mode()
+    def score_ids(self, seqs: Sequence[Sequence[int]], length: int | None = None) -> list[float]:
+        """Raw end scores (never normalised) of token-id sequences run as ONE batch, right-padded
+        to `length` (default: the longest). No truncation: the ids are scored as given.
+
+        Why a fixed `length`: a sequence's score then depends only on its own ids and `length`,
+        not on the other rows (`rmtrain serve` pads each sequence to a length bucket of its own,
+        so its score is the same whatever it is batched with)."""
+        if not seqs:
+            return []
+        rows = pad_sequences(seqs, self.pad_id, "right", length)
+        batch = {k: v.to(self.device) for k, v in rows.model_inputs().items()}
+        return [float(x) for x in self.model(**batch).end_scores[:, 0].float().tolist()]
+
+    @torch.inference_mode()
     def score_sequences(
         self,
         seqs: Sequence[Sequence[int] | np.ndarray],

@@ -18,6 +18,11 @@ template is decided once, when the tokenizer is loaded for training (:func:`trai
   string; read at `<|eot_id|>`.
 - Llama-2 / sentencepiece (BOS added, no chat template, so `safe_rlhf`):
   `BEGINNING OF CONVERSATION: USER: {p} ASSISTANT:{r}</s>`; read at `</s>`.
+- Gemma (BOS in the template and added; turns end `<end_of_turn>\n`, EOS `<eos>`): the render
+  without its leading `<bos>`, then `<eos>`; read at `<eos>`.
+- Qwen3 (ChatML without a BOS token): the render untouched, the scored turn with the template's
+  `<think>\n\n</think>\n\n` block; read at the final `\n`.
+- Mistral (`[INST]`, BOS in the template and added): `[INST] {p}[/INST] {r}</s>`; read at `</s>`.
 - rmtrain's tiny tokenizer (Llama-3-like, turns end with `<|end|>`): the render without its
   leading BOS, then EOS; read at `</s>`.
 
@@ -32,6 +37,7 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from rmtrain.errors import TextError
@@ -73,7 +79,8 @@ def trained_template(tokenizer: Any, template: str) -> str:
     base = getattr(tokenizer, "chat_template", None)
     if not isinstance(base, str) or not base:
         raise TextError(
-            f"data.template=chat: tokenizer {tokenizer.name_or_path!r} has no chat_template"
+            f"data.template=chat: tokenizer {tokenizer.name_or_path!r} has no chat_template "
+            f"(a base model); use data.template=safe_rlhf, which works with any tokenizer"
         )
     if _EOS_SUFFIX in base:
         return base
@@ -183,3 +190,89 @@ def describe(template: str) -> str:
     if template == "safe_rlhf":
         return SAFE_RLHF_FORMAT
     return "tokenizer chat template"
+
+
+# --------------------------------------------------------------------------- templated queries
+
+# The assistant content of the probe conversation `query_frame` renders: a text no template
+# rewrites (no surrounding whitespace to trim), found again in the render to split it.
+_FRAME_PROBE = "rmtrain frame probe"
+
+
+@dataclass(frozen=True)
+class QueryFrame:
+    """What the trained ids of every conversation have around it, for one tokenizer and
+    trained template: ``lead``, the ids before the rendered text (BOS, whether the template
+    writes it or the tokenizer adds it; empty when there is none), and ``tail``, the ids after
+    the last assistant turn's content (its end-of-turn token and what follows it: ChatML's
+    newline, an appended EOS)."""
+
+    lead: tuple[int, ...]
+    tail: tuple[int, ...]
+    bos_id: int | None
+    eos_id: int | None
+
+
+def query_frame(tokenizer: Any, chat_template: str | None = None) -> QueryFrame:
+    """The :class:`QueryFrame` of `tokenizer` with its trained template (``chat_template``, by
+    default the tokenizer's own), read off the trained ids of a probe conversation."""
+    text = render(tokenizer, exchange("x", _FRAME_PROBE), chat_template)
+    ids = list(tokenizer(text)["input_ids"])
+    at = text.rfind(_FRAME_PROBE)
+    if at < 0:
+        raise TextError("the chat template rewrites the assistant's content; cannot frame it")
+    tail = list(tokenizer(text[at + len(_FRAME_PROBE) :], add_special_tokens=False)["input_ids"])
+    if not tail or ids[-len(tail) :] != tail:
+        raise TextError(
+            f"tokenizer {tokenizer.name_or_path!r}: the closing text after a reply does not "
+            "tokenize on its own as it does after the reply; cannot frame templated queries"
+        )
+    bos = tokenizer.bos_token_id
+    lead = (bos,) if bos is not None and ids[:1] == [bos] else ()
+    return QueryFrame(lead, tuple(tail), bos, tokenizer.eos_token_id)
+
+
+def query_ids(tokenizer: Any, text: str, frame: QueryFrame | None = None) -> list[int]:
+    """The ids training used for a conversation sent as text that already carries the chat
+    template, the way RL frameworks send it (OpenRLHF's `query`, verl's `/classify` input).
+
+    Such a text is right in the middle (it is the rendered conversation) but may be off at
+    both ends, depending on who rendered it and how. The rule, one for every tokenizer
+    convention (`frame`: :func:`query_frame`, computed once per tokenizer):
+
+    1. the text is tokenized as it is, adding no special tokens;
+    2. **start**: every leading BOS id is dropped and the frame's ``lead`` put in front. A BOS
+       the tokenizer would add again (Llama-3's ``<|begin_of_text|>`` written by the template)
+       is therefore not doubled, and one a client stripped (verl strips ``bos_token`` from
+       every render, which for ChatML is the first ``<|im_start|>``) is restored;
+    3. **end**: when the ids end with the first k ids of the frame's ``tail`` (k >= 1: the
+       end-of-turn token, perhaps with what follows it), the rest of the tail is appended
+       (ChatML's ``\n`` after a generated ``<|im_end|>``); when they end with none of it (a
+       reply cut at the generation limit), the whole tail is appended, after dropping a final
+       EOS that is not the end-of-turn token (a generation that stopped on EOS where the
+       template closes turns with another token, as rmtrain's tiny tokenizer does).
+
+    Anything else in the text is scored as sent: a query rendered with another template than
+    the trained one, or by a template that renders a finished reply differently from the one it
+    prompts for (an empty thinking block in past turns), scores differently (send messages to
+    `/score` instead).
+    """
+    frame = frame or query_frame(tokenizer)
+    # Leading BOS strings go before tokenizing: a sentencepiece tokenizer that prefixes "▁" only
+    # to the text's first piece (Mistral v0.3's Metaspace "first") would otherwise tokenize what
+    # follows a written BOS without it.
+    bos_text = tokenizer.bos_token
+    while bos_text and text.startswith(bos_text):
+        text = text[len(bos_text) :]
+    ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    start = 0
+    while frame.bos_id is not None and start < len(ids) and ids[start] == frame.bos_id:
+        start += 1
+    ids = [*frame.lead, *ids[start:]]
+    tail = list(frame.tail)
+    for k in range(len(tail), 0, -1):
+        if ids[len(ids) - k :] == tail[:k] and len(ids) - k >= len(frame.lead):
+            return ids + tail[k:]
+    if frame.eos_id is not None and len(ids) > len(frame.lead) and ids[-1] == frame.eos_id:
+        ids.pop()
+    return ids + tail

@@ -170,12 +170,13 @@ class Trainer:
             if mb.weights[0] > 0:  # not a padding micro-batch
                 lengths = batch.rows.seq_len
                 sums.add("tokens", lengths.sum())
-                sums.add("tokens_sq", (lengths.double() ** 2).sum())
+                # sum n * keys per query (sliding-window layers: at most the window)
+                sums.add("attended", telemetry.attended_tokens(self.engine.module.config, lengths))
                 sums.add("fed_tokens", batch.rows.fed_tokens)
                 for k, v in self.loss.metric_sums(scores, batch.labels).items():
                     sums.add(k, v)
         term_keys = sorted(k for k in sums.sums if k.startswith("loss_"))
-        keys = ["loss", *term_keys, "tokens", "tokens_sq", "fed_tokens", *_PAIR_KEYS]
+        keys = ["loss", *term_keys, "tokens", "attended", "fed_tokens", *_PAIR_KEYS]
         if self.loss.objective == "cost":
             keys += ["sign_correct", "sign_n"]
         r = sums.reduce(keys)
@@ -203,7 +204,7 @@ class Trainer:
     def _throughput(self, r: dict[str, float], elapsed: float) -> dict[str, float]:
         """Real tokens/s, padded fraction, step time, FLOPs per real token, MFU, peak memory."""
         tokens, fed = r["tokens"], r["fed_tokens"]
-        per_token = telemetry.flops_per_token(self.engine.module.config, r["tokens_sq"] / tokens)
+        per_token = telemetry.flops_per_token(self.engine.module, r["attended"] / tokens)
         out = {
             "train/tokens_per_s": tokens / elapsed,
             "train/padded_fraction": 1.0 - tokens / fed,

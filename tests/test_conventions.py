@@ -11,14 +11,27 @@ import torch
 from conventions import (
     CHATML_TEMPLATE,
     CONVENTIONS,
+    GEMMA3_TEMPLATE,
+    GEMMA_EOT,
+    GEMMA_SOT,
+    GEMMA_SPECIALS,
     LLAMA3_SPECIALS,
     LLAMA3_TEMPLATE,
+    MISTRAL_TEMPLATE,
+    QWEN3_TEMPLATE,
+    QWEN_END_THINK,
+    QWEN_IM_END,
+    QWEN_PAD,
+    QWEN_THINK,
     VOCAB_SIZE,
     build_chatml_tokenizer,
+    build_gemma_tokenizer,
     build_llama2_tokenizer,
     build_llama3_tokenizer,
+    build_mistral_tokenizer,
+    build_qwen3_tokenizer,
     build_tokenizer,
-    save_tiny_llama,
+    save_tiny_model,
 )
 from realmodel import (
     BOS_ID,
@@ -49,6 +62,15 @@ LLAMA3_RENDER = (
     "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nHi<|eot_id|>"
     "<|start_header_id|>assistant<|end_header_id|>\n\nHello!<|eot_id|>"
 )
+
+GEMMA_RENDER = (
+    "<bos><start_of_turn>user\nHi<end_of_turn>\n<start_of_turn>model\nHello!<end_of_turn>\n"
+)
+QWEN3_RENDER = (
+    "<|im_start|>user\nHi<|im_end|>\n"
+    "<|im_start|>assistant\n<think>\n\n</think>\n\nHello!<|im_end|>\n"
+)
+MISTRAL_RENDER = "<s>[INST] Hi[/INST] Hello!</s>"
 
 
 def ids(tok: Any, text: str, special: bool = True) -> list[int]:
@@ -144,9 +166,74 @@ def test_llama2_like_sentencepiece() -> None:
         tok.apply_chat_template(CHAT, tokenize=False)
 
 
+def test_gemma_like_gemma3_it() -> None:
+    tok = build_gemma_tokenizer()
+    assert (tok.pad_token, tok.eos_token, tok.bos_token, tok.unk_token) == GEMMA_SPECIALS[:4]
+    assert (tok.pad_token_id, tok.eos_token_id, tok.bos_token_id, tok.unk_token_id) == (0, 1, 2, 3)
+    sot, eot = tok.convert_tokens_to_ids([GEMMA_SOT, GEMMA_EOT])
+    assert ids(tok, "Hi") == [2, *ids(tok, "Hi", special=False)]  # the tokenizer adds <bos>
+    assert not tok.convert_ids_to_tokens(ids(tok, "Hi", special=False))[0].startswith("▁")
+    assert tok.chat_template == GEMMA3_TEMPLATE
+    text = tok.apply_chat_template(CHAT, tokenize=False)
+    assert text == GEMMA_RENDER
+    naive, plain = ids(tok, text), ids(tok, text, special=False)
+    assert naive[:2] == [2, 2] and naive[1:] == plain  # the double BOS, as Llama-3
+    assert plain.count(sot) == plain.count(eot) == 2 and 1 not in plain  # no <eos> in a render
+    assert chat_ids(tok, CHAT) == plain
+    system = [{"role": "system", "content": "Be brief."}, *CHAT]  # folded into the user turn
+    assert tok.apply_chat_template(system, tokenize=False) == GEMMA_RENDER.replace(
+        "user\nHi", "user\nBe brief.\n\nHi"
+    )
+
+
+def test_qwen3_like_qwen3() -> None:
+    tok = build_qwen3_tokenizer()
+    assert tok.bos_token is None and tok.unk_token is None
+    assert (tok.eos_token, tok.pad_token) == (QWEN_IM_END, QWEN_PAD)
+    assert ids(tok, "Hi") == ids(tok, "Hi", special=False)  # adds nothing
+    think = tok.convert_tokens_to_ids([QWEN_THINK, QWEN_END_THINK])
+    assert think == [VOCAB_SIZE - 2, VOCAB_SIZE - 1] and not {QWEN_THINK} & set(
+        tok.all_special_tokens
+    )  # added, not special
+    assert tok.chat_template == QWEN3_TEMPLATE
+    text = tok.apply_chat_template(CHAT, tokenize=False)
+    assert text == QWEN3_RENDER  # no default system prompt; an empty think block
+    assert ids(tok, text) == chat_ids(tok, CHAT) and ids(tok, text).count(think[0]) == 1
+    # reasoning kept only in the last assistant turn (after the last user query)
+    turns = [
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "<think>greet</think>Hello!"},
+        {"role": "user", "content": "Bye"},
+        {"role": "assistant", "content": "<think>\nwave\n</think>\n\nBye!"},
+    ]
+    assert tok.apply_chat_template(turns, tokenize=False) == (
+        "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nHello!<|im_end|>\n"
+        "<|im_start|>user\nBye<|im_end|>\n"
+        "<|im_start|>assistant\n<think>\nwave\n</think>\n\nBye!<|im_end|>\n"
+    )
+
+
+def test_mistral_like_v03() -> None:
+    tok = build_mistral_tokenizer()
+    assert (tok.unk_token_id, tok.bos_token_id, tok.eos_token_id) == (0, 1, 2)
+    assert tok.convert_tokens_to_ids(["[INST]", "[/INST]"]) == [3, 4]
+    assert tok.pad_token is None
+    assert ids(tok, "Hi") == [1, *ids(tok, "Hi", special=False)]
+    assert tok.convert_ids_to_tokens(ids(tok, "Hi", special=False))[0].startswith("▁")
+    assert tok.chat_template == MISTRAL_TEMPLATE
+    text = tok.apply_chat_template(CHAT, tokenize=False)
+    assert text == MISTRAL_RENDER
+    naive, plain = ids(tok, text), ids(tok, text, special=False)
+    assert naive[:2] == [1, 1] and naive[1:] == plain and plain[-1] == 2 and plain.count(2) == 1
+    assert chat_ids(tok, CHAT) == plain
+    # the space after a control token becomes one ▁, none is added (Metaspace "first")
+    pieces = tok.convert_ids_to_tokens(plain)
+    assert "".join(pieces[2 : pieces.index("[/INST]")]) == "▁Hi"
+
+
 @pytest.mark.parametrize("name", list(CONVENTIONS))
-def test_tiny_llama_uses_the_tokenizer(name: str, tmp_path: Path) -> None:
-    save_tiny_llama(name, tmp_path)
+def test_tiny_model_uses_the_tokenizer(name: str, tmp_path: Path) -> None:
+    save_tiny_model(name, tmp_path)
     tok = AutoTokenizer.from_pretrained(tmp_path)
     model = AutoModelForCausalLM.from_pretrained(tmp_path)
     assert model.config.vocab_size == len(tok) == VOCAB_SIZE
@@ -155,7 +242,7 @@ def test_tiny_llama_uses_the_tokenizer(name: str, tmp_path: Path) -> None:
         tok.eos_token_id,
         tok.pad_token_id,
     )
-    texts = ["Hi", "Hello there!"] if tok.pad_token else ["Hello there!"]  # llama2/3: no pad
+    texts = ["Hi", "Hello there!"] if tok.pad_token else ["Hello there!"]  # no pad: one text
     batch = tok(texts, padding=bool(tok.pad_token), return_tensors="pt")
     with torch.no_grad():
         logits = model(**batch).logits

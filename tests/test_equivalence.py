@@ -24,7 +24,15 @@ from typing import Any
 import pytest
 import reference_loop as ref
 import torch
-from conftest import check_ok, export_weights, read_metrics, run_train
+from conftest import (
+    assert_close_steps,
+    check_ok,
+    export_weights,
+    read_metrics,
+    run_train,
+    run_train_many,
+    weights_close,
+)
 
 SEED, LR, STEPS, GLOBAL, CLIP = 42, 1e-3, 5, 8, 2.0
 TRAIN_ROWS, EVAL_ROWS, MAX_LEN, EVAL_BATCH = 27, 17, 96, 4
@@ -175,41 +183,10 @@ def load_export(run_dir: Path) -> dict[str, torch.Tensor]:
     return export_weights(run_dir / "export")
 
 
-def weight_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> tuple[float, float, str]:
-    """(||a - b|| / ||b|| over all tensors, max |a - b|, the tensor holding that max)."""
-    assert sorted(a) == sorted(b)
-    diffs = {k: (a[k].double() - b[k].double()) for k in b}
-    fro = math.sqrt(sum(float((d**2).sum()) for d in diffs.values()))
-    norm = math.sqrt(sum(float((b[k].double() ** 2).sum()) for k in b))
-    worst = max(diffs, key=lambda k: float(diffs[k].abs().max()))
-    return fro / norm, float(diffs[worst].abs().max()), worst
-
-
 def assert_weights_close(
     got: dict[str, torch.Tensor], want: dict[str, torch.Tensor], what: str
 ) -> None:
-    rel, worst, key = weight_diff(got, want)
-    print(f"{what}: weights rel-Frobenius {rel:.2e}, max |diff| {worst:.2e} ({key})")
-    assert rel < WEIGHT_RTOL_FRO and worst < WEIGHT_ATOL_MAX, (
-        f"{what}: final weights differ: relative Frobenius {rel:.3e} (limit {WEIGHT_RTOL_FRO}), "
-        f"max |diff| {worst:.3e} in {key} (limit {WEIGHT_ATOL_MAX})"
-    )
-
-
-def max_rel(a: list[float], b: list[float]) -> float:
-    return max(abs(x - y) / max(abs(y), 1e-12) for x, y in zip(a, b, strict=True))
-
-
-def assert_close_steps(
-    got: list[float], want: list[float], what: str, rtol: float, atol: float = 0.0
-) -> None:
-    bad = [
-        (step, g, w)
-        for step, (g, w) in enumerate(zip(got, want, strict=True), 1)
-        if not math.isclose(g, w, rel_tol=rtol, abs_tol=atol)
-    ]
-    print(f"{what}: max rel {max_rel(got, want):.2e}")
-    assert not bad, f"{what} differs at (step, got, want): {bad} (max rel {max_rel(got, want):.2e})"
+    weights_close(got, want, what, WEIGHT_RTOL_FRO, WEIGHT_ATOL_MAX)
 
 
 # -- fixtures ------------------------------------------------------------------------------
@@ -217,23 +194,34 @@ def assert_close_steps(
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory) -> Any:
-    """`runs(name)`: the finished run of VARIANTS[name], trained once per module."""
+    """`runs(name)`: the finished run of VARIANTS[name], trained once per module: a one-rank
+    variant in this process, every two-rank variant in ONE 2-rank launch (tests/launch_runs.py)
+    the first time any of them is asked for."""
     root = tmp_path_factory.mktemp("equivalence")
     cache: dict[str, Run] = {}
+
+    def finish(name: str, seconds: float) -> Run:
+        run_dir = root / name
+        metrics = read_metrics(run_dir)
+        data = metrics[0]
+        assert data["step"] == 0 and data["data/train/pairs"] == TRAIN_ROWS, data
+        print(f"{name}: trained in {seconds:.1f}s")
+        return Run(name, run_dir, metrics, load_export(run_dir), seconds)
 
     def get(name: str) -> Run:
         if name not in cache:
             overrides, nproc = VARIANTS[name]
-            run_dir = root / name
             start = time.perf_counter()
-            check_ok(run_train([*COMMON, *overrides, f"output_dir={run_dir}"], nproc=nproc))
-            metrics = read_metrics(run_dir)
-            cache[name] = Run(
-                name, run_dir, metrics, load_export(run_dir), time.perf_counter() - start
-            )
-            print(f"{name}: trained in {cache[name].seconds:.1f}s")
-            data = metrics[0]
-            assert data["step"] == 0 and data["data/train/pairs"] == TRAIN_ROWS, data
+            if nproc == 1:
+                check_ok(run_train([*COMMON, *overrides, f"output_dir={root / name}"]))
+                cache[name] = finish(name, time.perf_counter() - start)
+            else:
+                batch = [n for n, (_, procs) in VARIANTS.items() if procs == nproc]
+                check_ok(run_train_many(
+                    [[*COMMON, *VARIANTS[n][0], f"output_dir={root / n}"] for n in batch], nproc
+                ))  # fmt: skip
+                seconds = (time.perf_counter() - start) / len(batch)
+                cache.update({n: finish(n, seconds) for n in batch})
         return cache[name]
 
     return get

@@ -1,10 +1,10 @@
-"""The fault suite of issue 13: each row of its table, re-run, ends with a clear one-line error and
-a non-zero exit, or a recovered run equal to an uninterrupted one. Nothing from a file ever runs;
-no non-finite export is ever written.
+"""Faults: every one ends with a clear one-line error and a non-zero exit, or a recovered run
+equal to an uninterrupted one. Nothing from a file ever runs; no non-finite export is ever
+written.
 
-Error paths run in-process; real kills, launchers and resumes run as processes (`slow`). One
-small 1-rank run (checkpoints at steps 2, 4, 6 and an export) is shared, each test working on a
-copy of it.
+One-rank runs, resumes and error paths run in this process; launchers, several ranks, signals
+and stalls run as real processes (`slow`). One small 1-rank run (checkpoints at steps 2, 4, 6
+and an export) is shared, each test working on a copy of it.
 """
 
 from __future__ import annotations
@@ -39,9 +39,12 @@ from conftest import (
     write_jsonl,
 )
 
-from rmtrain import engine, hf
+from rmtrain import hf
 from rmtrain.checkpoint import MARKER, file_digest, find_resume_point
+from rmtrain.errors import CheckpointError
 from rmtrain.export import export_checkpoint
+from rmtrain.files import no_space
+from rmtrain.preemption import PREEMPTED_EXIT
 from rmtrain.toy.sample_data import generate_rows
 
 # Tiny and quick: 6 steps of 8 pairs, a checkpoint every 2 steps, all three kept.
@@ -107,11 +110,11 @@ def plant_payload(path: Path, pwned: Path) -> None:
     restamp(path, file.name)
 
 
-# -- row 1: a pickle payload in a checkpoint ------------------------------------------------------
-def test_row01_payload_refused_by_export(run_copy: Path, tmp_path: Path) -> None:
+# -- a pickle payload in a checkpoint ------------------------------------------------------
+def test_export_refuses_a_pickle_payload_in_a_checkpoint(run_copy: Path, tmp_path: Path) -> None:
     pwned = tmp_path / "pwned"
     plant_payload(ckpt(run_copy, 6), pwned)
-    with pytest.raises(engine.CheckpointError, match="refused to load"):
+    with pytest.raises(CheckpointError, match="refused to load"):
         export_checkpoint(run_copy)
     env = cli_env()
     proc = subprocess.run(
@@ -124,7 +127,7 @@ def test_row01_payload_refused_by_export(run_copy: Path, tmp_path: Path) -> None
 
 
 @pytest.mark.slow
-def test_row01_payload_refused_by_resume(run_copy: Path, tmp_path: Path) -> None:
+def test_resume_refuses_a_pickle_payload_in_a_checkpoint(run_copy: Path, tmp_path: Path) -> None:
     pwned = tmp_path / "pwned"
     forget_after(run_copy, 4)
     plant_payload(ckpt(run_copy, 4), pwned)
@@ -134,9 +137,9 @@ def test_row01_payload_refused_by_resume(run_copy: Path, tmp_path: Path) -> None
     assert not pwned.exists()
 
 
-# -- row 2: divergence ----------------------------------------------------------------------------
+# -- divergence ----------------------------------------------------------------------------
 @pytest.mark.slow
-def test_row02_divergence_stops_without_export(tmp_path: Path) -> None:
+def test_divergence_stops_the_run_without_checkpoint_or_export(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     proc = run_train([*FAST, "trainer.lr=1e8", "trainer.save_every=1", f"output_dir={run_dir}"])
     assert proc.returncode == 2, proc.stderr[-3000:]
@@ -148,7 +151,7 @@ def test_row02_divergence_stops_without_export(tmp_path: Path) -> None:
         assert all(torch.isfinite(v).all() for v in export_weights(export).values())
 
 
-def test_row02_export_refuses_non_finite_weights(tmp_path: Path) -> None:
+def test_export_refuses_non_finite_weights(tmp_path: Path) -> None:
     from conftest import make_export
 
     good = make_export(tmp_path / "good")
@@ -161,7 +164,7 @@ def test_row02_export_refuses_non_finite_weights(tmp_path: Path) -> None:
     assert not (tmp_path / "bad").exists() and not (tmp_path / "bad.tmp").exists()
 
 
-def test_row02_inf_lr_refused(capsys: Any, monkeypatch: Any) -> None:
+def test_non_finite_lr_is_refused_before_training(capsys: Any, monkeypatch: Any) -> None:
     code, err = train_in_process([*FAST, "trainer.lr=inf"], capsys, monkeypatch)
     assert code == 2 and "trainer.lr=inf" in err
 
@@ -183,21 +186,23 @@ DAMAGE = {
 
 
 @pytest.mark.parametrize("damage", sorted(DAMAGE))
-def test_row03_04_damaged_latest_falls_back(run_copy: Path, damage: str, capsys: Any) -> None:
+def test_damaged_latest_checkpoint_falls_back_to_the_previous(
+    run_copy: Path, damage: str, capsys: Any
+) -> None:
     file = next(ckpt(run_copy, 6).glob("*optim_states.pt"))
     DAMAGE[damage](file)
     assert find_resume_point("auto", run_copy) == ckpt(run_copy, 4)
     assert f"skipping damaged checkpoint {ckpt(run_copy, 6)}: {file}" in capsys.readouterr().err
-    with pytest.raises(engine.CheckpointError, match=str(file)):
+    with pytest.raises(CheckpointError, match=str(file)):
         export_checkpoint(ckpt(run_copy, 6))  # named explicitly: no silent substitute
     for step in (2, 4):
         DAMAGE[damage](next(ckpt(run_copy, step).glob("*optim_states.pt")))
-    with pytest.raises(engine.CheckpointError, match="no intact checkpoint left"):
+    with pytest.raises(CheckpointError, match="no intact checkpoint left"):
         find_resume_point("auto", run_copy)
 
 
 @pytest.mark.slow
-def test_row03_garbled_latest_resume_recovers_exactly(base_run: Path, run_copy: Path) -> None:
+def test_resume_past_a_garbled_checkpoint_recovers_exactly(base_run: Path, run_copy: Path) -> None:
     garble(next(ckpt(run_copy, 6).glob("*optim_states.pt")))
     shutil.rmtree(run_copy / "export")
     proc = run_train([*FAST, f"output_dir={run_copy}", "trainer.resume=auto"])
@@ -207,8 +212,8 @@ def test_row03_garbled_latest_resume_recovers_exactly(base_run: Path, run_copy: 
     assert_same_weights(run_copy / "export", base_run / "export")
 
 
-# -- row 5: one run per directory -----------------------------------------------------------------
-def test_row05_second_run_on_a_locked_dir_refused(
+# -- one run per directory -----------------------------------------------------------------
+def test_second_run_on_a_locked_directory_is_refused(
     tmp_path: Path, capsys: Any, monkeypatch: Any
 ) -> None:
     run_dir = tmp_path / "run"
@@ -222,9 +227,9 @@ def test_row05_second_run_on_a_locked_dir_refused(
     assert sorted(p.name for p in run_dir.iterdir()) == [".rmtrain.lock"]
 
 
-# -- row 6: resume semantics ----------------------------------------------------------------------
+# -- resume semantics ----------------------------------------------------------------------
 @pytest.mark.slow
-def test_row06_resume_with_changed_lr_takes_effect(base_run: Path, run_copy: Path) -> None:
+def test_resume_with_a_changed_lr_takes_effect(base_run: Path, run_copy: Path) -> None:
     forget_after(run_copy, 4)
     proc = run_train([*FAST, f"output_dir={run_copy}", "trainer.resume=auto", "trainer.lr=1e-3"])
     check_ok(proc)
@@ -241,14 +246,14 @@ def test_row06_resume_with_changed_lr_takes_effect(base_run: Path, run_copy: Pat
     assert resumed == [{"step": 4, "changed": {"trainer.lr": [3e-3, 1e-3]}}]
 
 
-def test_row06_resume_refuses_other_changes(run_copy: Path, capsys: Any, monkeypatch: Any) -> None:
+def test_resume_refuses_other_config_changes(run_copy: Path, capsys: Any, monkeypatch: Any) -> None:
     forget_after(run_copy, 4)
     args = [*FAST, f"output_dir={run_copy}", "trainer.resume=auto", "loss.label_smoothing=0.1"]
     code, err = train_in_process(args, capsys, monkeypatch)
     assert code == 2 and "cannot resume with loss.label_smoothing=0.1" in err
 
 
-# -- row 7: a stalled rank ------------------------------------------------------------------------
+# -- a stalled rank ------------------------------------------------------------------------
 def start_two_ranks(run_dir: Path, *extra: str) -> tuple[subprocess.Popen[str], Path]:
     """2 ranks under the deepspeed launcher (launch/cpu.sh), training long enough to be hit;
     returns once a few steps are logged."""
@@ -269,15 +274,15 @@ def start_two_ranks(run_dir: Path, *extra: str) -> tuple[subprocess.Popen[str], 
     return proc, log
 
 
-def rank_pids(run_dir: Path) -> list[int]:
-    out = subprocess.run(["pgrep", "-f", f"rmtrain.train.*output_dir={run_dir}$"],
-                         capture_output=True, text=True).stdout  # fmt: skip
-    pids = [int(pid) for pid in out.split()]
+def rank_pids(launcher: subprocess.Popen[str]) -> list[int]:
+    """The training ranks below a launcher process (its descendants that got --local_rank)."""
+    import psutil
+
     ranks = []
-    for pid in pids:  # not the launcher processes, whose command lines hold the same overrides
-        with contextlib.suppress(OSError):
-            if b"--local_rank=" in Path(f"/proc/{pid}/cmdline").read_bytes():
-                ranks.append(pid)
+    for child in psutil.Process(launcher.pid).children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            if any(a.startswith("--local_rank=") for a in child.cmdline()):
+                ranks.append(child.pid)
     return ranks
 
 
@@ -295,12 +300,12 @@ STALL_TIMEOUT_S = 8
 
 
 @pytest.mark.slow
-def test_row07_stalled_rank_ends_the_run(tmp_path: Path) -> None:
+def test_a_stalled_rank_ends_the_run_after_the_timeout(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     # short: the stalled collective waits this long (the steps before it take well under 1 s)
     proc, log = start_two_ranks(run_dir, f"deepspeed.timeout_s={STALL_TIMEOUT_S}")
     try:
-        stalled = [pid for pid in rank_pids(run_dir)
+        stalled = [pid for pid in rank_pids(proc)
                    if b"--local_rank=1" in Path(f"/proc/{pid}/cmdline").read_bytes()]  # fmt: skip
         assert stalled
         os.kill(stalled[0], signal.SIGSTOP)
@@ -308,7 +313,7 @@ def test_row07_stalled_rank_ends_the_run(tmp_path: Path) -> None:
         proc.wait(timeout=240)
         took = time.time() - start
     finally:
-        for pid in rank_pids(run_dir):
+        for pid in rank_pids(proc):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
                 os.kill(pid, signal.SIGCONT)
@@ -321,13 +326,13 @@ def test_row07_stalled_rank_ends_the_run(tmp_path: Path) -> None:
     assert took < 120
 
 
-# -- row 8: SIGTERM to the launcher only ----------------------------------------------------------
+# -- SIGTERM to the launcher only ----------------------------------------------------------
 @pytest.mark.slow
-def test_row08_sigterm_to_launcher_only_ranks_save_and_exit(tmp_path: Path) -> None:
+def test_ranks_save_and_exit_when_their_launcher_is_terminated(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     proc, log = start_two_ranks(run_dir)
     try:
-        ranks = rank_pids(run_dir)
+        ranks = rank_pids(proc)
         assert len(ranks) == 2
         proc.send_signal(signal.SIGTERM)  # the launcher only, not its process group
         proc.wait(timeout=30)
@@ -342,9 +347,9 @@ def test_row08_sigterm_to_launcher_only_ranks_save_and_exit(tmp_path: Path) -> N
     assert not (run_dir / "export").exists()
 
 
-# -- row 9: SIGTERM to a run ----------------------------------------------------------------------
+# -- SIGTERM to a run ----------------------------------------------------------------------
 @pytest.mark.slow
-def test_row09_sigterm_saves_and_resume_continues(tmp_path: Path) -> None:
+def test_sigterm_saves_a_checkpoint_and_resume_continues(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     args = [*FAST, "trainer.max_steps=400", "trainer.save_every=0", "trainer.export=false"]
     proc = subprocess.Popen(
@@ -361,7 +366,7 @@ def test_row09_sigterm_saves_and_resume_continues(tmp_path: Path) -> None:
         _, err = proc.communicate(timeout=120)
     finally:
         proc.kill()
-    assert proc.returncode == engine.PREEMPTED_EXIT, err[-3000:]
+    assert proc.returncode == PREEMPTED_EXIT, err[-3000:]
     assert "stopped at step" in err and "SIGTERM" in err
     (saved,) = (run_dir / "checkpoints").glob("step_*")
     step = read_marker(saved)["step"]
@@ -372,8 +377,10 @@ def test_row09_sigterm_saves_and_resume_continues(tmp_path: Path) -> None:
     assert f"resumed from {saved}" in resumed.stdout
 
 
-# -- row 10: disk full ----------------------------------------------------------------------------
-def test_row10_no_space_names_path_and_last_checkpoint(run_copy: Path, monkeypatch: Any) -> None:
+# -- disk full ----------------------------------------------------------------------------
+def test_full_disk_error_names_the_path_and_last_checkpoint(
+    run_copy: Path, monkeypatch: Any
+) -> None:
     def full(*args: Any, **kwargs: Any) -> None:
         raise OSError(errno.ENOSPC, "No space left on device")
 
@@ -382,14 +389,14 @@ def test_row10_no_space_names_path_and_last_checkpoint(run_copy: Path, monkeypat
     with pytest.raises(OSError, match=f"no space left on device at {out}"):
         export_checkpoint(run_copy, out)
     assert not out.exists() and not out.with_name("export2.tmp").exists()
-    err = engine.no_space(OSError(errno.ENOSPC, "x"), out, ckpt(run_copy, 6))
+    err = no_space(OSError(errno.ENOSPC, "x"), out, ckpt(run_copy, 6))
     assert str(err) == f"no space left on device at {out}; the last good checkpoint is " + str(
         ckpt(run_copy, 6)
     )
 
 
 @pytest.mark.slow
-def test_row10_disk_full_during_checkpoint(tmp_path: Path) -> None:
+def test_full_disk_during_a_checkpoint_leaves_no_partial_one(tmp_path: Path) -> None:
     small = tmp_path / "small"
     small.mkdir()
     mount = ["mount", "-t", "tmpfs", "-o", "size=600k", "tmpfs", str(small)]
@@ -408,7 +415,7 @@ def test_row10_disk_full_during_checkpoint(tmp_path: Path) -> None:
         subprocess.run(["umount", str(small)], check=False)
 
 
-# -- row 11: values validated before training -----------------------------------------------------
+# -- values validated before training -----------------------------------------------------
 @pytest.mark.parametrize(
     ("override", "named"),
     [
@@ -422,7 +429,7 @@ def test_row10_disk_full_during_checkpoint(tmp_path: Path) -> None:
         ("+deepspeed.extra.train_batch_size=64", "deepspeed.extra.train_batch_size"),
     ],
 )
-def test_row11_bad_values_refused(
+def test_bad_config_values_are_refused_before_training(
     override: str, named: str, tmp_path: Path, capsys: Any, monkeypatch: Any
 ) -> None:
     args = [*FAST, override, f"output_dir={tmp_path / 'run'}"]
@@ -432,7 +439,7 @@ def test_row11_bad_values_refused(
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
 
 
-# -- row 12: data errors --------------------------------------------------------------------------
+# -- data errors --------------------------------------------------------------------------
 def _data_dir(root: Path, name: str) -> Path:
     d = root / name
     write_jsonl(d / "test.jsonl", generate_rows(8, 1, split="test"))
@@ -476,7 +483,7 @@ def _string_id(d: Path) -> str:
 
 
 @pytest.mark.parametrize("make", [_bad_utf8, _corrupt_xz, _empty, _string_bool, _string_id])
-def test_row12_data_errors_name_file_row_field(
+def test_data_errors_name_file_row_and_field(
     make: Any, tmp_path: Path, capsys: Any, monkeypatch: Any
 ) -> None:
     d = _data_dir(tmp_path, make.__name__)
@@ -487,16 +494,16 @@ def test_row12_data_errors_name_file_row_field(
     assert "Traceback" not in err
 
 
-# -- row 13: `+key=` additions --------------------------------------------------------------------
-def test_row13_plus_key_typo_refused(tmp_path: Path, capsys: Any, monkeypatch: Any) -> None:
+# -- `+key=` additions --------------------------------------------------------------------
+def test_a_plus_key_typo_is_refused(tmp_path: Path, capsys: Any, monkeypatch: Any) -> None:
     args = [*FAST, "+trainer.learning_rate=1e-4", f"output_dir={tmp_path / 'run'}"]
     code, err = train_in_process(args, capsys, monkeypatch)
     assert code == 2 and "unknown config key trainer.learning_rate" in err
 
 
-# -- row 14: a sweep under a multi-rank launcher --------------------------------------------------
+# -- a sweep under a multi-rank launcher --------------------------------------------------
 @pytest.mark.slow
-def test_row14_multirun_under_launcher_refused(tmp_path: Path) -> None:
+def test_a_multirun_under_a_launcher_is_refused(tmp_path: Path) -> None:
     proc = run_train(
         [*FAST, "-m", "trainer.lr=1e-4,3e-4", f"hydra.sweep.dir={tmp_path / 'sweep'}"], nproc=2
     )
@@ -505,10 +512,8 @@ def test_row14_multirun_under_launcher_refused(tmp_path: Path) -> None:
     assert not (tmp_path / "sweep").exists()
 
 
-# -- row 15: code in a saved config ---------------------------------------------------------------
-def test_row15_rerun_config_with_callbacks_refused(
-    tmp_path: Path, capsys: Any, monkeypatch: Any
-) -> None:
+# -- code in a saved config ---------------------------------------------------------------
+def test_a_saved_config_with_code_is_refused(tmp_path: Path, capsys: Any, monkeypatch: Any) -> None:
     pwned = tmp_path / "pwned"
     conf = tmp_path / "saved"
     conf.mkdir()
@@ -526,7 +531,7 @@ def test_row15_rerun_config_with_callbacks_refused(
     assert code == 2 and "configs hold data, not code" in err
 
 
-def test_row09_slurm_requeues_on_preemption(tmp_path: Path) -> None:
+def test_slurm_script_requeues_on_preemption(tmp_path: Path) -> None:
     """USR1 from Slurm (--signal) → SIGTERM to the ranks (via srun) → requeue when they exit."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
@@ -553,7 +558,7 @@ def test_row09_slurm_requeues_on_preemption(tmp_path: Path) -> None:
     assert log.read_text().splitlines() == ["srun got TERM", "scontrol requeue 77"]
 
 
-def test_row10_disk_space_estimated_up_front(tmp_path: Path, capsys: Any, monkeypatch: Any) -> None:
+def test_disk_space_is_estimated_up_front(tmp_path: Path, capsys: Any, monkeypatch: Any) -> None:
     from collections import namedtuple
     from types import SimpleNamespace
 

@@ -96,6 +96,13 @@ def to_rewardbench(r: Row) -> Row:
     return {"id": r["response_0_sha256"][:8], "subset": "toy", **to_standard(r)}
 
 
+def to_rewardbench2(r: Row) -> Row:
+    p, c, j = _sides(r)
+    counts = {"num_correct": 1, "num_incorrect": 1, "total_completions": 2}
+    return {"id": r["response_0_sha256"][:8], "prompt": p, "chosen": [c], "rejected": [j],
+            **counts, "subset": "Focus"}  # fmt: skip
+
+
 def to_rmbench(r: Row) -> Row:
     p, c, j = _sides(r)
     return {"id": 1, "subset": "toy", "prompt": p, "chosen": _variants(c), "rejected": _variants(j)}
@@ -106,6 +113,7 @@ CONVERT: dict[str, Callable[[Row], Row]] = {
     "ultrafeedback": to_ultrafeedback,
     "conversational": to_conversational,
     "conversational_implicit": to_conversational_implicit,
+    "rewardbench2": to_rewardbench2,
     "rmbench": to_rmbench,
     "rewardbench": to_rewardbench,
     "hh_rlhf": to_hh_rlhf,
@@ -212,7 +220,7 @@ def test_score_and_eval_read_every_training_format_as_training_does(tmp_path: Pa
         assert summary["format"] == fmt and summary["n_pairs"] == 12 * (
             3 if fmt == "rmbench" else 1
         )
-        if fmt == "rmbench":  # the same-style (diagonal) comparisons are the plain pairs
+        if fmt in ("rmbench", "rewardbench2"):  # rows of several responses: the first ones
             flat = [s for r in records for s in (r["chosen_scores"][0], r["rejected_scores"][0])]
         else:
             flat = [s for r in records for s in (r["chosen_score"], r["rejected_score"])]
@@ -225,7 +233,7 @@ def test_score_and_eval_read_every_training_format_as_training_does(tmp_path: Pa
         scored = [json.loads(line) for line in out.read_text().splitlines()]
         per_row = [
             [r["chosen_scores"][0], r["rejected_scores"][0]]
-            if fmt == "rmbench"
+            if fmt in ("rmbench", "rewardbench2")
             else [r["chosen_score"], r["rejected_score"]]
             for r in scored
         ]
@@ -398,7 +406,7 @@ def _eval_texts(fmt: str, row: Row) -> list[tuple[list[dict[str, str]], list[dic
             return _conv(h, a)
 
         return [(turns(row["chosen"]), turns(row["rejected"]))]
-    assert fmt == "rmbench"
+    assert fmt in ("rmbench", "rewardbench2")  # every (chosen, rejected) combination
     p = row["prompt"]
     return [(_conv(p, c), _conv(p, j)) for c in row["chosen"] for j in row["rejected"]]
 
@@ -582,14 +590,18 @@ def test_real_rmbench_expands_style_variants(tok: Any) -> None:
 def test_real_files_as_eval_sets(tok: Any) -> None:
     jb = _real("judgebench_rewardbench_format_620.jsonl")
     rb = _real("rmbench_safety_441.jsonl")
-    d = DataConfig(
-        sample_train_rows=16, sample_eval_rows=8, max_length=64,
-        eval_sets=[SourceConfig(path=str(jb), label="judgebench"), SourceConfig(path=str(rb))],
-    )  # fmt: skip
+    d = DataConfig(sample_train_rows=16, sample_eval_rows=8, max_length=64,
+                   eval_sets=[SourceConfig(path=str(rb))])  # fmt: skip
     data = load_run_data(d, tok, "reward", seed=0)
-    assert set(data.eval_sets) == {"judgebench", "rmbench_safety_441"}
-    assert data.counts["eval/judgebench"]["rows"] == 620
+    assert set(data.eval_sets) == {"rmbench_safety_441"}
     assert data.counts["eval/rmbench_safety_441"]["rows"] == 441
+    assert len(data.eval_sets["rmbench_safety_441"]) > 0
+    # JudgeBench's long prompts fill 64 tokens: every pair is identical after the cut, and the
+    # set is refused naming its file and rows, not evaluated as empty
+    d.eval_sets = [SourceConfig(path=str(jb), label="judgebench")]
+    with pytest.raises(DataError, match=f"^{jb}: no usable pairs left in eval/judgebench "
+                                        r"\(620 rows; 620 pairs identical"):  # fmt: skip
+        load_run_data(d, tok, "reward", seed=0)
 
 
 def test_readme_format_table_rows_are_detected_as_their_format() -> None:

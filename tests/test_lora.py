@@ -9,33 +9,33 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import (
-    SMALL,
-    check_export,
-    check_ok,
-    export_weights,
-    read_metrics,
-    run_train,
-    tiny_score_config,
-)
+from conftest import SMALL, check_export, check_ok, export_weights, read_metrics, run_train
 from peft import LoraConfig, get_peft_model
 
-from rmtrain.config import LoRAConfig
-from rmtrain.hf import merge_lora
-from rmtrain.model import LlamaScoreModel
+from rmtrain.arch import VERIFIED
+from rmtrain.config import TOY_MODEL_TYPES, LoRAConfig, ModelConfig, ToyConfig
+from rmtrain.errors import ConfigError
+from rmtrain.hf import build_score_model, load_tokenizer, lora_targets, merge_lora
 
 LORA = ["model.lora.enabled=true", "model.lora.r=8", "model.lora.alpha=16"]
 
 
-def test_merge_equals_peft_merge_and_unload() -> None:
+@pytest.mark.parametrize("model_type", TOY_MODEL_TYPES)
+def test_merge_equals_peft_merge_and_unload(model_type: str) -> None:
+    """Every architecture's default targets (Phi-3: the fused qkv_proj / gate_up_proj) get
+    adapters, and merging gives what peft's merge_and_unload gives."""
+    cfg = ModelConfig(name_or_path="tiny", toy=ToyConfig(model_type=model_type))
     torch.manual_seed(0)
-    base = LlamaScoreModel(tiny_score_config(100, num_labels=1))
+    base = build_score_model(cfg, load_tokenizer(cfg), torch.float32)
     settings = LoRAConfig(enabled=True, r=4, alpha=12)
+    targets = lora_targets(base, settings)
+    assert targets == list(VERIFIED[model_type].lora_targets)
     model = get_peft_model(
-        base,
-        LoraConfig(r=4, lora_alpha=12, target_modules=settings.target_modules,
-                   modules_to_save=["score"]),
-    )  # fmt: skip
+        base, LoraConfig(r=4, lora_alpha=12, target_modules=targets, modules_to_save=["score"])
+    )
+    adapted = {n.rsplit(".lora_A", 1)[0].rsplit(".", 1)[-1]
+               for n, _ in model.named_parameters() if ".lora_A." in n}  # fmt: skip
+    assert adapted == set(targets)  # each target really got an adapter
     with torch.no_grad():  # adapters as after training (peft starts lora_B at 0)
         for name, p in model.named_parameters():
             if "lora_B" in name or "modules_to_save" in name:
@@ -45,6 +45,18 @@ def test_merge_equals_peft_merge_and_unload() -> None:
     assert ours.keys() == want.keys()
     for key, value in want.items():
         torch.testing.assert_close(ours[key], value, rtol=1e-5, atol=1e-6, msg=key)
+
+
+def test_unknown_target_module_is_one_clear_error() -> None:
+    cfg = ModelConfig(name_or_path="tiny", toy=ToyConfig(model_type="phi3"))
+    model = build_score_model(cfg, load_tokenizer(cfg), torch.float32)
+    with pytest.raises(
+        ConfigError,
+        match=r"q_proj, k_proj, v_proj not in this phi3 backbone; "
+        r"its linear layers: down_proj, gate_up_proj, o_proj, qkv_proj",
+    ):
+        lora_targets(model, LoRAConfig(enabled=True, target_modules=["q_proj", "k_proj",
+                                                                       "v_proj"]))  # fmt: skip
 
 
 def _train(run_dir: Path, nproc: int, extra: list[str]) -> None:

@@ -1,8 +1,12 @@
-"""Text exactly as each tokenizer convention says (issue 10): ChatML (no BOS added, pad == EOS),
-Llama-3 (BOS in the template and added by the tokenizer), Llama-2 / sentencepiece (BOS added, no
-chat template) and rmtrain's tiny tokenizer. For each: the rendered text, its ids, the read-out
-token, truncation, and that an export scores the same through its model card's snippet,
-`pipeline`, `AutoModelForScore` and `rmtrain score`.
+"""Text exactly as each tokenizer convention says (issues 10, 18): ChatML (no BOS added, pad ==
+EOS), Llama-3 (BOS in the template and added by the tokenizer), Llama-2 / sentencepiece (BOS
+added, no chat template), Gemma (BOS in the template and added; turns end `<end_of_turn>\n`, EOS
+`<eos>` is not in the render), Qwen3 (ChatML without BOS, an empty `<think>` block before the
+scored answer), Mistral (`<s>[INST] u[/INST] a</s>`, BOS in the template and added) and rmtrain's
+tiny tokenizer. For each: the rendered text, its ids (== `apply_chat_template(tokenize=True)` of
+the trained tokenizer), the read-out token, truncation, and that an export -- of the convention's
+own architecture: LLaMA, Gemma 3, Qwen3, Mistral -- scores the same through its model card's
+snippet, `pipeline`, `AutoModelForScore` and `rmtrain score`.
 
 Expected texts and ids are written out from the real tokenizers' documented behaviour
 (tests/conventions.py mimics them), not computed by rmtrain.
@@ -10,6 +14,7 @@ Expected texts and ids are written out from the real tokenizers' documented beha
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 from typing import Any
@@ -17,7 +22,7 @@ from typing import Any
 import pytest
 import torch
 from conftest import write_jsonl
-from conventions import save_tiny_llama
+from conventions import save_tiny_model
 
 from rmtrain import hf
 from rmtrain.card import write_export
@@ -40,14 +45,23 @@ LLAMA3_TEXT = (  # the render without its leading <|begin_of_text|> (the tokeniz
     "<|start_header_id|>assistant<|end_header_id|>\n\nHello!<|eot_id|>"
 )
 SAFE_RLHF_TEXT = "BEGINNING OF CONVERSATION: USER: Hi ASSISTANT:Hello!</s>"
+GEMMA_TEXT = (  # without its leading <bos> (the tokenizer adds it), EOS after the closed turn
+    "<start_of_turn>user\nHi<end_of_turn>\n<start_of_turn>model\nHello!<end_of_turn>\n<eos>"
+)
+QWEN3_TEXT = (  # untouched: no BOS to strip, ends with EOS <|im_end|> and its newline
+    "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\nHello!"
+    "<|im_end|>\n"
+)
+MISTRAL_TEXT = "[INST] Hi[/INST] Hello!</s>"  # without <s>; the template's </s> is the EOS
 # convention -> the template it trains with
-TEMPLATE = {"chatml": "chat", "llama3": "chat", "llama2": "safe_rlhf"}
+TEMPLATE = {"chatml": "chat", "llama3": "chat", "llama2": "safe_rlhf", "gemma": "chat",
+            "qwen3": "chat", "mistral": "chat"}  # fmt: skip
 
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("conventions")
-    return {c: save_tiny_llama(c, root / c, seed=i) for i, c in enumerate(TEMPLATE)}
+    return {c: save_tiny_model(c, root / c, seed=i) for i, c in enumerate(TEMPLATE)}
 
 
 def _tok(models: dict[str, Path], convention: str) -> Any:
@@ -93,6 +107,32 @@ def test_llama2_safe_rlhf_text(models) -> None:
     with pytest.raises(TextError, match="no chat_template"):
         format_text(hf.load_tokenizer(ModelConfig(name_or_path=str(models["llama2"]))), "chat",
                     "Hi", "Hello!")  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("convention", "want", "read_at"),
+    [
+        ("gemma", GEMMA_TEXT, "<eos>"),
+        ("qwen3", QWEN3_TEXT, "\n"),
+        ("mistral", MISTRAL_TEXT, "</s>"),
+    ],
+)
+def test_new_conventions_text_ids_and_read_out(
+    models, convention: str, want: str, read_at: str
+) -> None:
+    tok = _tok(models, convention)
+    text = format_text(tok, "chat", "Hi", "Hello!")
+    assert text == want
+    ids = tok(text)["input_ids"]
+    # the trained tokenizer's own apply_chat_template(tokenize=True): the same ids
+    assert ids == tok.apply_chat_template(CHAT, tokenize=True, return_dict=True)["input_ids"]
+    bos = tok.bos_token_id
+    assert bos is None or (ids[0] == bos and ids.count(bos) == 1)  # never doubled nor dropped
+    assert ids.count(tok.eos_token_id) == (2 if convention == "qwen3" else 1)  # once per turn
+    assert tok.decode(ids[-1:]) == read_at and ids[-1] != tok.pad_token_id
+    cut, was_cut = truncate_keep_eos(ids, 6, tok.eos_token_id)  # the read-out survives a cut
+    assert was_cut and cut[-1] == ids[-1]
+    print(f"{convention}: {text!r} -> {ids}")
 
 
 @pytest.mark.parametrize("convention", list(TEMPLATE))
@@ -146,6 +186,11 @@ def test_card_snippet_pipeline_and_score_agree(models, convention: str, tmp_path
     [ours] = scorer.score_texts([text])
     assert scope["score"] == pytest.approx(ours, abs=1e-4)
     assert scope["score_direct"] == pytest.approx(ours, abs=1e-4)
+    # config.json's problem_type "regression": without function_to_apply the pipeline (and
+    # vLLM's pooling runner) return the raw score, not a sigmoid of it
+    assert json.loads((path / "config.json").read_text())["problem_type"] == "regression"
+    default = scope["rm_pipe"]([text], top_k=None, batch_size=1)[0][0]["score"]
+    assert default == pytest.approx(ours, abs=1e-4)
     model = AutoModelForScore.from_pretrained(path)
     with torch.no_grad():
         end = model(**scope["tok"](text, return_tensors="pt")).end_scores[0, 0].item()

@@ -2,7 +2,7 @@
 
 :mod:`rmtrain.data.schemas` has the adapter base and PKU-SafeRLHF; this module has the formats
 the field exchanges preference data in (TRL's standard and conversational layouts, HH-RLHF
-transcripts, UltraFeedback-binarized, RewardBench and RM-Bench files), the registry
+transcripts, UltraFeedback-binarized, RewardBench, RewardBench 2 and RM-Bench files), the registry
 :data:`ADAPTERS` and :func:`resolve`, which detects a file's format from its columns and first
 row (or takes the one ``data.format`` forces).
 
@@ -352,12 +352,104 @@ class RMBench(_PairFormat):
         return {**super().pair_meta(cols, i, k), "style": [ci, ri]}
 
 
+def check_count(v: Any) -> str | None:
+    if isinstance(v, int) and not isinstance(v, bool):
+        return None if v >= 0 else f"expected a count >= 0, got {v}"
+    return f"expected an int count, got {type_name(v)} {v!r:.40}"
+
+
+def check_row_id(v: Any) -> str | None:
+    if isinstance(v, str) or (isinstance(v, int) and not isinstance(v, bool)):
+        return None
+    return f"expected a string or int id, got {type_name(v)} {v!r:.40}"
+
+
+_TIES_ID = re.compile(r"^(ref|tied):\d+$")
+
+
+class RewardBench2(_PairFormat):
+    """RewardBench 2 (allenai/reward-bench-2): `chosen` holds the correct completions and
+    `rejected` the incorrect ones (lists; `num_correct` / `num_incorrect` / `total_completions`
+    count them), `subset` is Factuality, Precise IF, Math, Safety, Focus or Ties, and `id` pairs
+    a Ties prompt's `ref:N` and `tied:N` rows. Every (correct, incorrect) combination is a pair
+    (K responses per prompt for training); the pair's meta names the row id, subset and the two
+    completion indices, from which evaluation regroups per-completion scores into rows
+    (:func:`rmtrain.eval.metrics.regroup`) for the official scores."""
+
+    name = "rewardbench2"
+    required: ClassVar[tuple[str, ...]] = (
+        "prompt",
+        "chosen",
+        "rejected",
+        "num_correct",
+        "num_incorrect",
+        "total_completions",
+        "subset",
+    )
+    checks: ClassVar[dict[str, Check]] = {
+        "prompt": check_text,
+        "chosen": check_text_list,
+        "rejected": check_text_list,
+        "num_correct": check_count,
+        "num_incorrect": check_count,
+        "total_completions": check_count,
+        "subset": check_text,
+        "id": check_row_id,
+    }
+    example: ClassVar[dict[str, Any]] = {
+        "id": "17",
+        "prompt": "How do I bake bread?",
+        "chosen": ["Mix flour, water, yeast and salt, then ..."],
+        "rejected": ["Buy some.", "Bread is baked.", "Use a microwave."],
+        "num_correct": 1,
+        "num_incorrect": 3,
+        "total_completions": 4,
+        "subset": "Focus",
+    }
+
+    def conversations(
+        self, cols: dict[str, list[Any]], i: int
+    ) -> list[tuple[Conversation, Conversation]]:
+        self._check_row(cols, i)
+        p = cols["prompt"][i]
+        return [
+            (exchange(p, c), exchange(p, r)) for c in cols["chosen"][i] for r in cols["rejected"][i]
+        ]
+
+    def _check_row(self, cols: dict[str, list[Any]], i: int) -> None:
+        """The counts agree with the lists; a Ties row has a `ref:N` / `tied:N` id."""
+
+        def fail(field: str, problem: str) -> DataError:
+            return DataError(where(cols["_source"][i], cols["_row"][i], field, problem))
+
+        chosen, rejected = cols["chosen"][i], cols["rejected"][i]
+        for field, items in (("num_correct", chosen), ("num_incorrect", rejected)):
+            if cols[field][i] != len(items):
+                side = "chosen" if items is chosen else "rejected"
+                raise fail(field, f"is {cols[field][i]}, but {side} has {len(items)} completions")
+        if cols["total_completions"][i] != len(chosen) + len(rejected):
+            raise fail("total_completions", f"is {cols['total_completions'][i]}, but there are "
+                       f"{len(chosen) + len(rejected)} completions")  # fmt: skip
+        if cols["subset"][i].lower() == "ties":
+            row_id = cols["id"][i] if "id" in cols else None
+            if not isinstance(row_id, str) or not _TIES_ID.match(row_id):
+                raise fail("id", f"a Ties row needs an id 'ref:N' or 'tied:N', got {row_id!r:.40}")
+
+    def pair_meta(self, cols: dict[str, list[Any]], i: int, k: int) -> dict[str, Any]:
+        """Also the row id and which (correct, incorrect) completions the pair compares."""
+        ci, ri = divmod(k, len(cols["rejected"][i]))
+        row_id = cols["id"][i] if "id" in cols else None
+        return {**super().pair_meta(cols, i, k), "id": row_id, "completion": [ci, ri],
+                "num_correct": len(cols["chosen"][i])}  # fmt: skip
+
+
 # Most specific first: among formats a row fully matches, the first one wins.
 ADAPTERS: tuple[Schema, ...] = (
     PkuSafeRLHF(),
     UltraFeedback(),
     Conversational(),
     ConversationalImplicit(),
+    RewardBench2(),
     RMBench(),
     RewardBench(),
     HHRLHF(),

@@ -36,10 +36,19 @@ def write_set(
     figures = folder / name
     figures.mkdir(exist_ok=True)
     flat = [r for r in records if "chosen_score" in r]
+    rb2 = summary.get("rewardbench2")
     images: dict[str, Path] = {}
     if flat:
         images["Scores of chosen vs rejected"] = plots.plot_reward_histograms(
             flat, figures / "histograms.png"
+        )
+    elif rb2:  # one score per completion, not per pair
+        images["Scores of correct vs incorrect completions"] = plots.plot_score_histograms(
+            [x for r in records for x in r["chosen_scores"]],
+            [x for r in records for x in r["rejected_scores"]],
+            figures / "histograms.png",
+            title="RewardBench 2: scores of correct vs incorrect completions",
+            labels=("correct", "incorrect"),
         )
     images["Reliability diagram"] = plots.plot_reliability(
         summary["calibration"], figures / "reliability.png"
@@ -47,7 +56,15 @@ def write_set(
     groups = summary.get("by_subset") or summary.get("by_category")
     if summary.get("safety", {}).get("by_harm_category"):
         groups = summary["safety"]["by_harm_category"]
-    if groups:
+    if rb2:
+        images["RewardBench 2 score per subset"] = plots.plot_category_accuracy(
+            {k: {"accuracy": v["score"], "n": v["n"]} for k, v in rb2["subsets"].items()},
+            figures / "categories.png",
+            title="RewardBench 2 score per subset",
+            xlabel="score (best-of-N with the tie penalty; Ties: its own formula)",
+            reference=None,  # chance depends on the number of completions per row
+        )
+    elif groups:
         images["Accuracy per category"] = plots.plot_category_accuracy(
             groups, figures / "categories.png"
         )

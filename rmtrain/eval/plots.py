@@ -26,6 +26,7 @@ __all__ = [
     "plot_category_accuracy",
     "plot_reliability",
     "plot_reward_histograms",
+    "plot_score_histograms",
     "plot_training_curves",
     "report_section",
     "write_report",
@@ -64,8 +65,23 @@ def plot_reward_histograms(
     """Overlaid histograms of chosen and rejected scores: separation at a glance, and a
     collapsed (constant) or exploding score range is obvious before any accuracy is read."""
     pairs = [as_pair_result(r) for r in results]
-    chosen = [p.chosen_score for p in pairs if math.isfinite(p.chosen_score)]
-    rejected = [p.rejected_score for p in pairs if math.isfinite(p.rejected_score)]
+    return plot_score_histograms(
+        [p.chosen_score for p in pairs], [p.rejected_score for p in pairs], path, bins, title
+    )
+
+
+def plot_score_histograms(
+    chosen: Sequence[float],
+    rejected: Sequence[float],
+    path: str | os.PathLike[str],
+    bins: int = 40,
+    title: str = "Scores of chosen vs rejected responses",
+    labels: tuple[str, str] = ("chosen", "rejected"),
+) -> Path:
+    """Overlaid histograms of two groups of scores (chosen / rejected responses, or a
+    benchmark's correct / incorrect completions); non-finite scores are left out."""
+    chosen = [x for x in chosen if math.isfinite(x)]
+    rejected = [x for x in rejected if math.isfinite(x)]
     fig = _figure()
     ax = fig.add_subplot()
     both = chosen + rejected
@@ -74,8 +90,10 @@ def plot_reward_histograms(
         if lo == hi:
             lo, hi = lo - 0.5, hi + 0.5
         edges = [lo + (hi - lo) * i / bins for i in range(bins + 1)]
-        ax.hist(chosen, bins=edges, alpha=0.6, label=f"chosen (n={len(chosen)})", color="C2")
-        ax.hist(rejected, bins=edges, alpha=0.6, label=f"rejected (n={len(rejected)})", color="C3")
+        ax.hist(chosen, bins=edges, alpha=0.6, label=f"{labels[0]} (n={len(chosen)})", color="C2")
+        ax.hist(
+            rejected, bins=edges, alpha=0.6, label=f"{labels[1]} (n={len(rejected)})", color="C3"
+        )
         ax.legend()
     else:
         ax.text(0.5, 0.5, "no finite scores", ha="center", va="center", transform=ax.transAxes)
@@ -133,10 +151,13 @@ def plot_category_accuracy(
     groups: Mapping[str, Mapping[str, Any]],
     path: str | os.PathLike[str],
     title: str = "Accuracy per category",
+    xlabel: str = "accuracy",
+    reference: float | None = 0.5,
 ) -> Path:
     """Horizontal bars of accuracy per group (``by_subset``, ``by_category``,
     ``safety.by_harm_category`` ...), labelled with each group's size so tiny groups are not
-    over-read. Groups with no accuracy are left out."""
+    over-read, with a dashed line at chance (``reference``). Groups with no accuracy are left
+    out."""
     items = [(k, v) for k, v in groups.items() if _finite(v.get("accuracy"))]
     items.sort(key=lambda kv: kv[1]["accuracy"])
     fig = _figure()
@@ -146,11 +167,12 @@ def plot_category_accuracy(
         accs = [v["accuracy"] for _, v in items]
         ax.barh(range(len(items)), accs, color="C0")
         ax.set_yticks(range(len(items)), labels, fontsize=max(5, min(9, 300 // len(items))))
-        ax.axvline(0.5, linestyle="--", color="grey", linewidth=1)
+        if reference is not None:
+            ax.axvline(reference, linestyle="--", color="grey", linewidth=1)
     else:
         ax.text(0.5, 0.5, "no groups", ha="center", va="center", transform=ax.transAxes)
     ax.set_xlim(0, 1)
-    ax.set_xlabel("accuracy")
+    ax.set_xlabel(xlabel)
     ax.set_title(title)
     return _save(fig, path)
 
@@ -220,6 +242,10 @@ def _metric_rows(summary: Mapping[str, Any]) -> list[tuple[str, Any]]:
     if rb:
         rows += [(f"RewardBench {k}", v) for k, v in rb.get("sections", {}).items()]
         rows.append(("RewardBench score", rb.get("score")))
+    rb2 = summary.get("rewardbench2")
+    if rb2:
+        rows += [(f"RewardBench 2 {k}", v) for k, v in rb2.get("scores", {}).items()]
+        rows.append(("RewardBench 2 score", rb2.get("score")))
     rm = summary.get("rmbench")
     if rm:
         rows += [(f"RM-Bench {k}", rm.get(k)) for k in ("easy", "normal", "hard", "overall")]

@@ -12,9 +12,12 @@ training. Writes
 - `<out>/eval/<set>/*.png` and `<out>/eval/<set>/report.md`;
 
 and prints a compact table. RewardBench files get RewardBench's section scores, RM-Bench files
-(`chosen` / `rejected` lists of style variants) its easy / normal / hard accuracies, and
-PKU-SafeRLHF files the safety breakdowns, their chosen side following `--preference` (default:
-`safer` for a cost model, else `better`). Pairs whose two sides are identical are kept (a tie).
+(`chosen` / `rejected` lists of style variants) its easy / normal / hard accuracies,
+RewardBench 2 files (`chosen` / `rejected` lists of correct / incorrect completions,
+`num_correct`, ...) the official best-of-N per subset, the Ties formula and the mean of the six
+subsets, and PKU-SafeRLHF files the safety breakdowns, their chosen side following
+`--preference` (default: `safer` for a cost model, else `better`). Pairs whose two sides are
+identical are kept (a tie).
 """
 
 from __future__ import annotations
@@ -91,8 +94,7 @@ def evaluate_file(
     records = [
         table.record(p, float(scores[c]), float(scores[r])) for p, (c, r) in enumerate(slots)
     ]
-    if records and all("style" in rec for rec in records):
-        records = metrics.regroup_styles(records)
+    records = metrics.regroup(records)  # RM-Bench / RewardBench 2 rows from their pairs
     summary = metrics.summarize(records, kind=kind)
     summary.update(data=str(data), format=read.format, preference=cfg.preference, objective=kind)
     return summary, records
@@ -151,6 +153,11 @@ def table(summary: dict[str, Any]) -> str:
         for name, value in (summary.get(block) or {}).items():
             if isinstance(value, float):
                 lines.append(f"{block}/{name:<24} {'':>6} {_f(value)}")
+    rb2 = summary.get("rewardbench2") or {}
+    for name, stats in (rb2.get("subsets") or {}).items():
+        lines.append(f"rewardbench2/{name[:19]:<19} {stats['n']:>6} {_f(stats['score'])}")
+    if rb2:
+        lines.append(f"rewardbench2/score {'':>20} {_f(rb2.get('score'))}")
     return "\n".join(lines)
 
 
