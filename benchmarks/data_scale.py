@@ -28,7 +28,9 @@ trainer.packing=true data.eval_fraction=0.01`:
 Every run is its own process (or `torchrun` launch) with one core per process:
 `TOKENIZERS_PARALLELISM=false OMP_NUM_THREADS=1`. "data s" is the data step measured inside the
 process (for rmtrain: fingerprint, tokenize, merge, map and the split selection), "wall s" launch
-to exit, tokens/s the stored tokens (both sides of every pair) over "data s", peak RSS the
+to exit, tokens/s the stored tokens (both sides of every pair) over "data s", tokens per CPU s
+the same over the CPU time the data step used (every rank and process: the work, whatever else
+runs on the machine), peak RSS the
 largest resident memory of each rank's process (ru_maxrss; pages of the mapped cache it touched
 count), cache GiB the entry's size on disk. Timings mean something only on an otherwise idle
 machine. The rows and files stay in `--workdir` (default /tmp/rmtrain-data-scale) between runs.
@@ -185,6 +187,11 @@ def _peak_rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
+def _cpu() -> float:
+    usage = [resource.getrusage(who) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
+    return sum(r.ru_utime + r.ru_stime for r in usage)
+
+
 def child_rmtrain(overrides: list[str]) -> None:
     from rmtrain.prepare import prepare, shutdown
 
@@ -203,13 +210,14 @@ def child_baseline(path: str, model: str) -> None:
     tok = hf.load_tokenizer(ModelConfig(name_or_path=model))
     text.use_template(tok, "chat")
     d = DataConfig(path=path, template="chat", max_length=MAX_LENGTH, eval_fraction=0.01)
-    start = time.monotonic()
+    start, cpu = time.monotonic(), _cpu()
     data = load_run_data(d, tok, "reward", 0)
-    seconds = time.monotonic() - start
+    seconds, cpu = time.monotonic() - start, _cpu() - cpu
     tokens = int(data.train.lengths().sum() + data.eval.lengths().sum())
     pairs = len(data.train) + len(data.eval)
     print("RESULT " + json.dumps({"data_seconds": seconds, "tokens": tokens, "pairs": pairs,
-                                  "peak_rss_gib": [_peak_rss_gib()]}), flush=True)  # fmt: skip
+                                  "peak_rss_gib": [_peak_rss_gib()],
+                                  "data_cpu_seconds": [cpu]}), flush=True)  # fmt: skip
 
 
 def child_trl(path: str, model: str) -> None:
@@ -224,14 +232,15 @@ def child_trl(path: str, model: str) -> None:
     with tempfile.TemporaryDirectory() as out:
         args = RewardConfig(output_dir=out, max_length=MAX_LENGTH, report_to="none",
                             use_cpu=True, bf16=False)  # fmt: skip
-        start = time.monotonic()
+        start, cpu = time.monotonic(), _cpu()
         ds = load_dataset("json", data_files=path, split="train")
         ds = RewardTrainer._prepare_dataset(None, ds, tok, args, "train")  # type: ignore[arg-type]
-        seconds = time.monotonic() - start
+        seconds, cpu = time.monotonic() - start, _cpu() - cpu
     tokens = sum(int(pc.sum(pc.list_value_length(ds.data.column(c))).as_py())
                  for c in ("chosen_ids", "rejected_ids"))  # fmt: skip
     print("RESULT " + json.dumps({"data_seconds": seconds, "tokens": tokens, "pairs": len(ds),
-                                  "peak_rss_gib": [_peak_rss_gib()]}), flush=True)  # fmt: skip
+                                  "peak_rss_gib": [_peak_rss_gib()],
+                                  "data_cpu_seconds": [cpu]}), flush=True)  # fmt: skip
 
 
 # -- the runs -------------------------------------------------------------------------------------
@@ -335,11 +344,13 @@ def main() -> None:
             if not args.keep:
                 shutil.rmtree(hf_cache, ignore_errors=True)
 
-    print("\n| pairs | run | ranks | data s | wall s | to step 1 s | tokens/s | peak RSS per rank "
-          "GiB | cache GiB |\n|---|---|---|---|---|---|---|---|---|")  # fmt: skip
+    print("\n| pairs | run | ranks | data s | wall s | to step 1 s | tokens/s | tokens per CPU s "
+          "| peak RSS per rank GiB | cache GiB |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        secs = r.get("data_seconds")
+        secs, cpu = r.get("data_seconds"), sum(r.get("data_cpu_seconds", []))
         tps = f"{r['tokens'] / secs:,.0f}" if secs and r.get("tokens") else ""
+        tpc = f"{r['tokens'] / cpu:,.0f}" if cpu and r.get("tokens") and r.get("built", 1) else ""
         rss = " / ".join(f"{x:.2f}" for x in r.get("peak_rss_gib", []))
         cache = f"{r['cache_bytes'] / 2**30:.2f}" if "cache_bytes" in r else ""
 
@@ -347,7 +358,7 @@ def main() -> None:
             return f"{r[key]:.1f}" if key in r else ""
 
         print(f"| {r['pairs_in']:,} | {r['run']} | {r['ranks']} | {f('data_seconds')} | "
-              f"{f('wall_s')} | {f('to_step_s')} | {tps} | {rss} | {cache} |")  # fmt: skip
+              f"{f('wall_s')} | {f('to_step_s')} | {tps} | {tpc} | {rss} | {cache} |")  # fmt: skip
     (args.workdir / "results.json").write_text(json.dumps(rows, indent=1))
     print(f"\n(all rows: {args.workdir / 'results.json'})")
 

@@ -45,6 +45,15 @@ def peak_rss_gib() -> tuple[float, float]:
     return own, children
 
 
+def cpu_seconds() -> float:
+    """CPU time (user + system) of this process and its finished children so far."""
+    return sum(
+        r.ru_utime + r.ru_stime
+        for r in (resource.getrusage(resource.RUSAGE_SELF),
+                  resource.getrusage(resource.RUSAGE_CHILDREN))
+    )  # fmt: skip
+
+
 def prepare(overrides: Sequence[str]) -> dict[str, Any]:
     """Build or find the data cache entry of `rmtrain train <overrides>`; returns what it
     printed as numbers (for benchmarks)."""
@@ -64,11 +73,12 @@ def prepare(overrides: Sequence[str]) -> dict[str, Any]:
         ranks = Ranks(env.rank, env.world_size, engine.all_gather_object)
     main = ranks.rank == 0
     tokenizer, _ = hf.load_text_format(cfg)
+    cpu = cpu_seconds()
     data = load_run_data(cfg.data, tokenizer, cfg.objective, cfg.trainer.seed, ranks,
                          progress=main and sys.stderr.isatty())  # fmt: skip
     assert data.prepared is not None
     store = data.prepared.store
-    rss = ranks.all_gather(peak_rss_gib())
+    rss = ranks.all_gather((*peak_rss_gib(), cpu_seconds() - cpu))
     result = {
         "seconds": time.monotonic() - started,
         "data_seconds": data.prepared.seconds,
@@ -77,8 +87,9 @@ def prepare(overrides: Sequence[str]) -> dict[str, Any]:
         "tokens": len(store["tokens"]),
         "cache_bytes": store.nbytes(),
         "entry": str(store.path),
-        "peak_rss_gib": [own for own, _ in rss],
-        "worker_peak_rss_gib": [child for _, child in rss],
+        "peak_rss_gib": [own for own, _, _ in rss],
+        "worker_peak_rss_gib": [child for _, child, _ in rss],
+        "data_cpu_seconds": [cpu for _, _, cpu in rss],
     }
     if main:
         for line in summary(data.counts):
@@ -86,7 +97,7 @@ def prepare(overrides: Sequence[str]) -> dict[str, Any]:
         for warning in data.warnings:
             print(f"rmtrain: warning: {warning}", file=sys.stderr, flush=True)
         print(cache_summary(data.prepared), flush=True)
-        peaks = ", ".join(f"rank {r}: {own:.2f} GiB" for r, (own, _) in enumerate(rss))
+        peaks = ", ".join(f"rank {r}: {own:.2f} GiB" for r, (own, _, _) in enumerate(rss))
         print(f"peak RSS {peaks}", flush=True)
     return result
 
