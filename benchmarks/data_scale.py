@@ -260,7 +260,8 @@ def baseline_tree(workdir: Path, rev: str) -> Path:
 def to_step(overrides: list[str], ranks: int, out: Path) -> float:
     """`rmtrain train` until step 1 is logged: its launch-to-first-step seconds."""
     args = [*overrides, f"output_dir={out}", "trainer.max_steps=1000", "trainer.log_every=1",
-            "trainer.eval_every=0", "trainer.save_every=0", "trainer.save_every_minutes=0",
+            "trainer.eval_every=0", "trainer.eval_at_start=false", "trainer.save_every=0",
+            "trainer.save_every_minutes=0",
             "trainer.micro_batch_size=1", "trainer.export=false", "logger=none"]  # fmt: skip
     env = _env(RMTRAIN_LAUNCH_TIME=str(time.time()), NPROC=str(ranks), LAUNCHER="torchrun")
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"

@@ -85,7 +85,8 @@ DTYPES: dict[str, str] = {
 }
 _OFFSETS = {"offsets": "seq_lengths", "meta_offsets": "meta_lengths"}
 _REBASE = {"pair_row": "row_line"}
-# What the content digest covers: everything training reads but provenance (paths, lines).
+# What the content digest covers: the pairs' tokens (through their hashes), labels and rows; not
+# their provenance (paths, lines) nor the evaluation labels in their meta.
 _DIGEST = ("hashes", *LABELS, "identical", "truncated", "pair_row", "row_skip")
 SKIP_INCONSISTENT, SKIP_SEVERITY = 1, 2
 
@@ -637,7 +638,7 @@ def prepare(
         num_proc = d.num_proc or (cores if sum(p.work for p in mine) >= _AUTO_PROCS_BYTES else 1)
         pieces = [p for read in reads for p in read.pieces]
         job = _Job(reads, tokenizer, template, d.max_length, objective, build)
-        job.piece_base = list(np.cumsum([0] + [len(r.pieces) for r in reads[:-1]]))
+        job.piece_base = [int(b) for b in np.cumsum([0] + [len(r.pieces) for r in reads[:-1]])]
         bar = _bar(sum(p.weight for p in mine), ranks, len(peers)) if progress and me == 0 else None
         try:
             results = _run_parts(mine, job, num_proc, bar)

@@ -11,8 +11,8 @@ are concatenated (a kernel-side copy of the bytes), a shard's lengths become the
 offsets, and a shard-local index into another array is shifted by that array's length in the
 shards before it. The manifest is written last; a directory without one is never read.
 
-Reading maps every array (`np.memmap`, read-only): what a process holds is only the pages it
-touches, shared with every other process that maps the same files.
+Reading maps every array (`np.memmap`, copy-on-write, never written): what a process holds is
+only the pages it touches, shared with every other process that maps the same files.
 """
 
 from __future__ import annotations
@@ -194,8 +194,11 @@ class Store:
             file = Path(directory) / f"{name}.bin"
             if file.stat().st_size != length * dtype.itemsize:
                 return None  # damaged: treated as absent, rebuilt
+            # copy-on-write: shared, read-only pages as with mode "r", but arrays torch takes
+            # without a non-writable warning (nothing here writes to them; a write would stay
+            # in the process and never reach the file)
             arrays[name] = (
-                np.memmap(file, dtype=dtype, mode="r", shape=(length,))
+                np.memmap(file, dtype=dtype, mode="c", shape=(length,))
                 if length
                 else np.zeros(0, dtype)
             )
