@@ -34,12 +34,14 @@ and the first to finish wins; run ``rmtrain prepare`` once beforehand and every 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import hashlib
 import json
 import math
 import multiprocessing as mp
 import os
+import queue
 import shutil
 import socket
 import sys
@@ -49,7 +51,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from itertools import chain, pairwise
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import numpy as np
 
@@ -95,8 +97,9 @@ SKIP_INCONSISTENT, SKIP_SEVERITY = 1, 2
 _PART_BYTES = (1 << 20, 16 << 20)
 _PART_ROWS = (1_000, 5_000)
 # data.num_proc=null starts processes only for more input than this per rank: starting one
-# (importing rmtrain, unpickling the tokenizer) costs seconds, tokenizing 16 MiB tens of seconds.
-_AUTO_PROCS_BYTES = 16 << 20
+# (importing rmtrain, unpickling the tokenizer) costs a few seconds, tokenizing 64 MiB of long
+# pairs about a minute.
+_AUTO_PROCS_BYTES = 64 << 20
 
 
 def _alone(obj: Any) -> list[Any]:
@@ -308,6 +311,8 @@ class PartResult:
     pairs: int = 0
     tokens: int = 0
     error: str | None = None
+    first: bool = False  # the first part of a rank: `processes` says how many it ran
+    processes: int = 0
 
 
 _job: _Job | None = None
@@ -440,31 +445,82 @@ def cpu_count() -> int:
 
 def _run_parts(parts: list[Part], job: _Job, num_proc: int, bar: Any) -> list[PartResult]:
     """Tokenize `parts` here (one process) or in `num_proc` processes."""
-    if num_proc <= 1 or len(parts) <= 1:
-        progress = None if bar is None else _BarProgress(bar)
-        _init_worker_here(job, progress)
-        results = []
-        try:
-            for part in parts:  # in input order: the first error here is this rank's first
-                results.append(_run_part(part))
-                if results[-1].error:
-                    break
-        finally:
-            _init_worker_here(None, None)
-        return results
+    if num_proc > 1 and len(parts) > 1:
+        return _run_in_processes(parts, job, num_proc, bar)
+    _init_worker_here(job, None if bar is None else _BarProgress(bar))
+    results = []
+    try:
+        for part in parts:  # in input order: the first error here is this rank's first
+            results.append(_run_part(part))
+            if results[-1].error:
+                break
+    finally:
+        _init_worker_here(None, None)
+    return results
+
+
+def _run_in_processes(parts: list[Part], job: _Job, num_proc: int, bar: Any) -> list[PartResult]:
     ctx = mp.get_context("spawn")  # no fork of a process that runs threads (gloo, torch)
-    shared = _Shared(ctx)
-    with ctx.Pool(min(num_proc, len(parts)), _init_worker, (job, shared)) as pool:
-        pending = pool.map_async(_run_part, parts, chunksize=1)
-        shown = [0, 0]
-        while not pending.ready():
-            pending.wait(0.5)
+    tasks, done, shared = ctx.Queue(), ctx.Queue(), _Shared(ctx)
+    for part in parts:  # taken in order by whichever process is free
+        tasks.put(part)
+    workers = min(num_proc, len(parts))
+    for _ in range(workers):
+        tasks.put(None)
+    with _plain_main():
+        procs = [ctx.Process(target=_worker, args=(job, tasks, done, shared), daemon=True)
+                 for _ in range(workers)]  # fmt: skip
+        for proc in procs:
+            proc.start()
+    results: list[PartResult] = []
+    try:
+        while len(results) < len(parts):
+            try:
+                results.append(done.get(timeout=0.5))
+            except queue.Empty:
+                # a process killed (for memory, say) never answers: fail instead of waiting
+                dead = [proc.exitcode for proc in procs if proc.exitcode not in (None, 0)]
+                if dead:
+                    raise RuntimeError(
+                        f"a tokenizing process died (exit code {dead[0]}: out of memory? lower "
+                        "data.num_proc)"
+                    ) from None
             if bar is not None:
-                units, pairs = shared.units.value, shared.pairs.value
-                bar.update(units - shown[0])
-                shown = [units, pairs]
-                bar.set_postfix_str(f"{pairs:,} pairs", refresh=False)
-        return list(pending.get())
+                bar.update(shared.units.value - bar.n)
+                bar.set_postfix_str(f"{shared.pairs.value:,} pairs", refresh=False)
+    finally:
+        for proc in procs:
+            if proc.is_alive() and len(results) < len(parts):
+                proc.terminate()
+            proc.join()
+    return sorted(results, key=lambda r: r.index)
+
+
+def _worker(job: _Job, tasks: Any, done: Any, progress: _Shared) -> None:
+    """A tokenizing process: parts from `tasks` until None, each result to `done`."""
+    _init_worker(job, progress)
+    while (part := tasks.get()) is not None:
+        done.put(_run_part(part))
+
+
+@contextlib.contextmanager
+def _plain_main() -> Iterator[None]:
+    """Start processes without the parent's main module: a spawned process imports it first
+    (`rmtrain train`'s brings torch and DeepSpeed: seconds per process), and a tokenizing
+    process needs nothing of it (what it runs is imported by module name)."""
+    main = sys.modules.get("__main__")
+    saved: dict[str, Any] = {}
+    for key in ("__spec__", "__file__"):
+        if main is not None and key in main.__dict__:
+            saved[key] = main.__dict__[key]
+    try:
+        if main is not None:
+            main.__spec__ = None
+            main.__dict__.pop("__file__", None)
+        yield
+    finally:
+        if main is not None:
+            main.__dict__.update(saved)
 
 
 def _init_worker_here(job: _Job | None, progress: Any) -> None:
@@ -482,7 +538,7 @@ class _BarProgress:
         self.bar.set_postfix_str(f"{self.pairs:,} pairs", refresh=False)
 
 
-def _bar(total: int, ranks: Ranks, peers: int) -> Any:
+def _bar(total: int, peers: int) -> Any:
     from tqdm import tqdm
 
     share = f" (rank 0's share of {peers} ranks)" if peers > 1 else ""
@@ -493,16 +549,28 @@ def _bar(total: int, ranks: Ranks, peers: int) -> Any:
 
 # -- the entry ----------------------------------------------------------------------------------
 @contextlib.contextmanager
-def _build_directory(build: Path) -> Iterator[IO[str]]:
-    """Make `build` with an exclusive lock on its `.lock` held while the build uses it
-    (released by the kernel when the process dies, which marks the directory stale). The
-    directory gets its name only once locked, so no other build ever takes it for stale."""
-    new = build.with_name(f".new-{uuid.uuid4().hex}")
-    new.mkdir()
-    with open(new / ".lock", "w") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
+def _build_directory(root: Path, build: Path) -> Iterator[None]:
+    """`build` (in `root`, after removing the build directories of dead builds), with an
+    exclusive lock on its `.lock` held while the build uses it (released by the kernel when the
+    process dies, which marks the directory stale), and removed afterwards, whatever happened
+    (a finished entry has been renamed out of it). It gets its name only once locked, so no other
+    build ever takes it for stale."""
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        _remove_stale_builds(root)
+        new = root / f".new-{uuid.uuid4().hex}"
+        new.mkdir()
+        lock = open(new / ".lock", "w")  # noqa: SIM115 (held until the build is over)
+    except OSError as err:
+        raise ConfigError(f"data.cache_dir={root}: cannot write there ({err})") from err
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX)
         new.rename(build)
-        yield f
+        yield
+    finally:
+        shutil.rmtree(build, ignore_errors=True)
+        shutil.rmtree(new, ignore_errors=True)
+        lock.close()
 
 
 def _remove_stale_builds(root: Path) -> None:
@@ -620,60 +688,65 @@ def prepare(
 
     hosts = ranks.all_gather(socket.gethostname())
     peers = [r for r, host in enumerate(hosts) if host == hosts[ranks.rank]]
-    me, leader = peers.index(ranks.rank), ranks.rank == peers[0]
+    leader = ranks.rank == peers[0]
     build_id = ranks.all_gather(uuid.uuid4().hex[:12])[peers[0]]
     build = root / f".build-{key}-{build_id}"
-    with contextlib.ExitStack() as stack:
-        if leader:
-            try:
-                root.mkdir(parents=True, exist_ok=True)
-                _remove_stale_builds(root)
-                stack.enter_context(_build_directory(build))
-            except OSError as err:
-                raise ConfigError(f"data.cache_dir={root}: cannot write there ({err})") from err
+    with _build_directory(root, build) if leader else contextlib.nullcontext():
         ranks.barrier()
-        cores = max(1, cpu_count() // len(peers))
-        parts = plan_parts(reads, len(peers) * (d.num_proc or cores))
-        mine = [p for p in parts if p.index % len(peers) == me]
-        num_proc = d.num_proc or (cores if sum(p.work for p in mine) >= _AUTO_PROCS_BYTES else 1)
-        pieces = [p for read in reads for p in read.pieces]
         job = _Job(reads, tokenizer, template, d.max_length, objective, build)
-        job.piece_base = [int(b) for b in np.cumsum([0] + [len(r.pieces) for r in reads[:-1]])]
-        bar = _bar(sum(p.weight for p in mine), ranks, len(peers)) if progress and me == 0 else None
-        try:
-            results = _run_parts(mine, job, num_proc, bar)
-        finally:
-            if bar is not None:
-                bar.close()
-        gathered = ranks.all_gather(results)
-        node = sorted((r for rank in peers for r in gathered[rank]), key=lambda r: r.index)
-        failed = next((r for r in node if r.error), None)
+        results = _tokenize(job, ranks, peers, d.num_proc, progress)
+        failed = next((r for r in results if r.error), None)
         if failed is not None:
-            if leader:
-                shutil.rmtree(build, ignore_errors=True)
             raise DataError(failed.error)
         if leader:
-            spans, row, pair = [], 0, 0
-            for r in range(len(reads)):
-                mine_r = [x for x in node if x.read == r]
-                rows, pairs = sum(x.rows for x in mine_r), sum(x.pairs for x in mine_r)
-                spans.append({"rows": [row, row + rows], "pairs": [pair, pair + pairs]})
-                row, pair = row + rows, pair + pairs
-            shards = [build / f"part-{x.index:06d}" for x in node]
-            arrays, digest = merge(shards, build / "entry", DTYPES, _OFFSETS, _REBASE, _DIGEST)
-            write_manifest(build / "entry", arrays, key=key, digest=digest, inputs=inputs,
-                           reads=spans, pieces=[p.label for p in pieces],
-                           built={"seconds": round(time.monotonic() - started, 3),
-                                  "processes": len(peers) * num_proc})  # fmt: skip
-            for shard in shards:
-                shutil.rmtree(shard, ignore_errors=True)
+            built = {"seconds": round(time.monotonic() - started, 3),
+                     "processes": sum(r.processes for r in results if r.first)}  # fmt: skip
+            _write_entry(job, results, build / "entry", key=key, inputs=inputs, built=built)
             if d.cache:
                 _place(build / "entry", entry)
         ranks.barrier()
         store = Store.open(entry if d.cache else build / "entry")
         if store is None:
             raise DataError(f"{entry}: the data cache entry just built cannot be read back")
-        ranks.barrier()
-        if leader:  # cache=false: mapped by every rank, the files can go
-            shutil.rmtree(build, ignore_errors=True)
+        ranks.barrier()  # every rank maps it before the build directory goes
     return Prepared(store, built=True, seconds=time.monotonic() - started)
+
+
+def _tokenize(
+    job: _Job, ranks: Ranks, peers: list[int], num_proc: int | None, progress: bool
+) -> list[PartResult]:
+    """Plan the parts, tokenize this rank's share (the node's ranks take turns), and return the
+    node's results in input order."""
+    me = peers.index(ranks.rank)
+    cores = max(1, cpu_count() // len(peers))
+    parts = plan_parts(job.reads, len(peers) * (num_proc or cores))
+    mine = [p for p in parts if p.index % len(peers) == me]
+    procs = num_proc or (cores if sum(p.work for p in mine) >= _AUTO_PROCS_BYTES else 1)
+    job.piece_base = [int(b) for b in np.cumsum([0] + [len(r.pieces) for r in job.reads[:-1]])]
+    bar = _bar(sum(p.weight for p in mine), len(peers)) if progress and me == 0 else None
+    try:
+        results = _run_parts(mine, job, procs, bar)
+    finally:
+        if bar is not None:
+            bar.close()
+    if results:  # how many processes this rank ran, on its first result
+        results[0] = dataclasses.replace(results[0], first=True, processes=procs)
+    gathered = ranks.all_gather(results)
+    return sorted((r for rank in peers for r in gathered[rank]), key=lambda r: r.index)
+
+
+def _write_entry(job: _Job, results: list[PartResult], out: Path, **record: Any) -> None:
+    """Merge the parts' shards into the complete entry `out`, manifest last: the arrays, the
+    rows and pairs of each read, the pieces' labels and `record`."""
+    spans, row, pair = [], 0, 0
+    for r in range(len(job.reads)):
+        rows = sum(x.rows for x in results if x.read == r)
+        pairs = sum(x.pairs for x in results if x.read == r)
+        spans.append({"rows": [row, row + rows], "pairs": [pair, pair + pairs]})
+        row, pair = row + rows, pair + pairs
+    shards = [job.out / f"part-{x.index:06d}" for x in results]
+    arrays, digest = merge(shards, out, DTYPES, _OFFSETS, _REBASE, _DIGEST)
+    pieces = [p.label for read in job.reads for p in read.pieces]
+    created = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    write_manifest(out, arrays, digest=digest, reads=spans, pieces=pieces, created=created,
+                   **record)  # fmt: skip

@@ -28,7 +28,6 @@ from rmtrain.data.formats import BY_NAME, resolve
 from rmtrain.data.schemas import Schema
 from rmtrain.errors import DataError, where
 from rmtrain.files import jsonl_lines, parse_jsonl_line
-from rmtrain.toy import sample_data
 
 SOURCE_COL, ROW_COL = "_source", "_row"
 _SPLIT_EXTS = (".jsonl", ".jsonl.xz", ".parquet")
@@ -189,6 +188,10 @@ def _load_local_dir(cfg: DataConfig, root: Path, split: str) -> list[Piece]:
 
 
 def _load_sample(cfg: DataConfig, split: str) -> Piece:
+    # imported here: the toy package brings in the toy model's config (transformers, torch),
+    # which a process that only tokenizes files should not spend seconds importing
+    from rmtrain.toy import sample_data
+
     if split == cfg.train_split:
         n, seed, pool = cfg.sample_train_rows, 0, "train"
     elif split == cfg.eval_split:
