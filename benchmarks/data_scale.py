@@ -6,7 +6,8 @@
 
 For every size, one generated file of TRL-conversational rows of realistic lengths (prompts of
 30-300 words, responses of median ~180 words with a long tail up to 1,500: ~1,050 SmolLM2 tokens
-per pair; the same seeded rows at every size) is prepared with
+per pair; generated in seeded blocks of 10,000 rows, so a smaller size is a prefix of a larger
+one) is prepared with
 `model.name_or_path=<SmolLM2-135M-Instruct> data.template=chat data.max_length=2048
 trainer.packing=true data.eval_fraction=0.01`:
 
@@ -16,6 +17,8 @@ trainer.packing=true data.eval_fraction=0.01`:
 * baseline  -- the in-process path rmtrain had before the cache (`load_run_data` of git revision
                `--baseline-rev`, default 06bbdf7, extracted to the work directory): one process,
                every row pulled into Python, rendered and tokenized in one call, every start.
+               It holds ~0.13 GiB per 1,000 pairs, so it is skipped above
+               `--baseline-max-pairs` (100,000).
 * trl       -- TRL's RewardTrainer data preparation (`datasets.load_dataset("json")` and
                `RewardTrainer._prepare_dataset`, its own code: tokenize with `Dataset.map`, drop
                pairs over max_length), cold (empty `datasets` cache) and warm. Needs the `bench`
@@ -115,23 +118,37 @@ def _response_words(rng: random.Random) -> int:
     return min(max(int(rng.lognormvariate(5.19, 0.6)), 1), 1500)  # median e^5.19 ~ 180
 
 
+BLOCK = 10_000  # rows are generated in seeded blocks (in parallel): size n is the first n rows
+
+
+def _block(args: tuple[int, int]) -> str:
+    index, rows = args
+    rng = random.Random(f"data-scale:{index}")
+    out = []
+    for _ in range(rows):
+        prompt = _text(rng, rng.randint(30, 300))
+        chosen, rejected = _text(rng, _response_words(rng)), _text(rng, _response_words(rng))
+        out.append(json.dumps({
+            "prompt": [{"role": "user", "content": prompt}],
+            "chosen": [{"role": "assistant", "content": chosen}],
+            "rejected": [{"role": "assistant", "content": rejected}],
+        }) + "\n")  # fmt: skip
+    return "".join(out)
+
+
 def data_file(workdir: Path, n: int) -> Path:
     """`n` TRL-conversational rows (the first n of one seeded stream), written once."""
+    from multiprocessing import Pool
+
     path = workdir / f"prefs-{n}.jsonl"
     if path.exists():
         return path
-    rng = random.Random(0)
     tmp = path.with_suffix(".tmp")
     print(f"writing {n:,} rows to {path} ...", flush=True)
-    with open(tmp, "w") as f:
-        for _ in range(n):
-            prompt = _text(rng, rng.randint(30, 300))
-            chosen, rejected = _text(rng, _response_words(rng)), _text(rng, _response_words(rng))
-            f.write(json.dumps({
-                "prompt": [{"role": "user", "content": prompt}],
-                "chosen": [{"role": "assistant", "content": chosen}],
-                "rejected": [{"role": "assistant", "content": rejected}],
-            }) + "\n")  # fmt: skip
+    blocks = [(i, min(BLOCK, n - i * BLOCK)) for i in range(-(-n // BLOCK))]
+    with open(tmp, "w") as f, Pool() as pool:
+        for text in pool.imap(_block, blocks):
+            f.write(text)
     tmp.rename(path)
     return path
 
@@ -298,6 +315,9 @@ def main() -> None:
     p.add_argument("--workdir", type=Path, default=Path("/tmp/rmtrain-data-scale"))
     p.add_argument("--baseline-rev", default="06bbdf7", help="rmtrain before the data cache")
     p.add_argument("--keep", action="store_true", help="keep the cache entries afterwards")
+    p.add_argument("--baseline-max-pairs", type=int, default=100_000,
+                   help="skip the baseline above this size (it holds every pair in memory: "
+                        "~0.13 GiB per 1,000 pairs)")  # fmt: skip
     args = p.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
     model = model_dir(args.model)
@@ -331,7 +351,7 @@ def main() -> None:
                         add(n, f"rmtrain train {state}", ranks, {"to_step_s": seconds})
                 if not args.keep:
                     shutil.rmtree(cache, ignore_errors=True)
-        if "baseline" in args.runs:
+        if "baseline" in args.runs and n <= args.baseline_max_pairs:
             tree = baseline_tree(args.workdir, args.baseline_rev)
             env = _env(PYTHONPATH=str(tree))
             add(n, f"baseline {args.baseline_rev}", 1,

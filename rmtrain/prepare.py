@@ -35,7 +35,9 @@ def compose(overrides: Sequence[str]) -> Any:
         with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
             return hydra_compose("config", overrides=list(overrides))
     except (HydraException, OmegaConfBaseException) as err:
-        raise ConfigError(str(err).strip().splitlines()[0]) from None
+        cause = str(err.__cause__).strip().splitlines()[:1] if err.__cause__ else []
+        lines = [line.strip() for line in [*str(err).splitlines(), *cause] if line.strip()]
+        raise ConfigError(" ".join(lines)) from None
 
 
 def peak_rss_gib() -> tuple[float, float]:

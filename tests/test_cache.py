@@ -160,7 +160,11 @@ def test_bad_row_near_the_end_of_a_large_file_is_exact_and_leaves_no_entry(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """20,000 rows, the bad cell at row 19,990: `rmtrain prepare` names file, row and field,
-    exits 2, and leaves neither an entry nor a build directory."""
+    exits 2, and leaves neither an entry nor a build directory (a bad override: exit 2 too)."""
+    with pytest.raises(SystemExit) as exit_:
+        prepare_main(["data.nope=1"])
+    assert exit_.value.code == 2
+    assert "Key 'nope' not in 'DataConfig'" in capsys.readouterr().err
     rows = [{"prompt": f"q{i}", "chosen": f"yes {i}", "rejected": f"no {i}"} for i in range(20_000)]
     rows[19_989]["rejected"] = 7
     path = write_jsonl(tmp_path / "big.jsonl", rows)
