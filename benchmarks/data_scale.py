@@ -16,9 +16,10 @@ trainer.packing=true data.eval_fraction=0.01`:
                (an empty cache directory), then warm (the same again: the entry is found).
 * baseline  -- the in-process path rmtrain had before the cache (`load_run_data` of git revision
                `--baseline-rev`, default 06bbdf7, extracted to the work directory): one process,
-               every row pulled into Python, rendered and tokenized in one call, every start.
-               It holds ~0.13 GiB per 1,000 pairs, so it is skipped above
-               `--baseline-max-pairs` (100,000).
+               every row pulled into Python, rendered and tokenized in one call, every start
+               (here a first start: `datasets` converts the file to Arrow too). It holds
+               ~0.13 GiB per 1,000 pairs, so it is skipped above `--baseline-max-pairs`
+               (100,000).
 * trl       -- TRL's RewardTrainer data preparation (`datasets.load_dataset("json")` and
                `RewardTrainer._prepare_dataset`, its own code: tokenize with `Dataset.map`, drop
                pairs over max_length), cold (empty `datasets` cache) and warm. Needs the `bench`
@@ -353,9 +354,12 @@ def main() -> None:
                     shutil.rmtree(cache, ignore_errors=True)
         if "baseline" in args.runs and n <= args.baseline_max_pairs:
             tree = baseline_tree(args.workdir, args.baseline_rev)
-            env = _env(PYTHONPATH=str(tree))
+            hf_cache = args.workdir / f"hf-cache-baseline-{n}"  # a first start: JSON -> Arrow too
+            shutil.rmtree(hf_cache, ignore_errors=True)
+            env = _env(PYTHONPATH=str(tree), HF_DATASETS_CACHE=str(hf_cache))
             add(n, f"baseline {args.baseline_rev}", 1,
                 _child(["baseline", str(path), str(model)], env=env))  # fmt: skip
+            shutil.rmtree(hf_cache, ignore_errors=True)
         if "trl" in args.runs:
             hf_cache = args.workdir / f"hf-cache-{n}"
             shutil.rmtree(hf_cache, ignore_errors=True)

@@ -93,7 +93,7 @@ def encode(
         raise DataError(f"tokenizer {tokenizer.name_or_path!r} has no eos_token")
     ids, cut = [], []
     for seq in tokenizer(texts)["input_ids"] if texts else []:
-        seq = list(seq)
+        seq = seq if isinstance(seq, list) else list(seq)  # (a fast tokenizer's are lists)
         if max_length is not None:
             seq, was_cut = truncate_keep_eos(seq, max_length, eos_id)
         else:
