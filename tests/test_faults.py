@@ -560,12 +560,10 @@ def test_slurm_script_requeues_on_preemption(tmp_path: Path) -> None:
 
 def test_disk_space_is_estimated_up_front(tmp_path: Path, capsys: Any, monkeypatch: Any) -> None:
     from collections import namedtuple
-    from types import SimpleNamespace
 
-    from rmtrain import train
+    from rmtrain import rundir
 
     usage = namedtuple("usage", "total used free")
-    monkeypatch.setattr(train.shutil, "disk_usage", lambda _: usage(10**9, 10**9 - 1000, 1000))
-    eng = SimpleNamespace(module=torch.nn.Linear(100, 100))
-    train.warn_disk_space(eng, tmp_path, keep_last=2)  # type: ignore[arg-type]
+    monkeypatch.setattr(rundir.shutil, "disk_usage", lambda _: usage(10**9, 10**9 - 1000, 1000))
+    rundir.warn_disk_space(100 * 100 + 100, tmp_path, keep_last=2)
     assert f"rmtrain: warning: 0.0 MB free at {tmp_path}" in capsys.readouterr().err
