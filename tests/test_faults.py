@@ -304,8 +304,9 @@ def test_a_stalled_rank_ends_the_run_after_the_timeout(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     # short: the stalled collective waits this long (the steps before it take well under 1 s)
     proc, log = start_two_ranks(run_dir, f"deepspeed.timeout_s={STALL_TIMEOUT_S}")
+    ranks = rank_pids(proc)  # found while the launcher lives
     try:
-        stalled = [pid for pid in rank_pids(proc)
+        stalled = [pid for pid in ranks
                    if b"--local_rank=1" in Path(f"/proc/{pid}/cmdline").read_bytes()]  # fmt: skip
         assert stalled
         os.kill(stalled[0], signal.SIGSTOP)
@@ -313,7 +314,7 @@ def test_a_stalled_rank_ends_the_run_after_the_timeout(tmp_path: Path) -> None:
         proc.wait(timeout=240)
         took = time.time() - start
     finally:
-        for pid in rank_pids(proc):
+        for pid in ranks:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
                 os.kill(pid, signal.SIGCONT)
