@@ -282,3 +282,26 @@ def test_files_and_stale_builds(tmp_path: Path, tok: Any) -> None:
         load_run_data(dataclasses.replace(d, path=str(write_jsonl(tmp_path / "e.jsonl", rows))),
                       tok, "reward", seed=0)  # fmt: skip
     assert os.listdir(tmp_path / "c") == [first.fingerprint["key"]]
+
+
+@pytest.mark.slow
+def test_a_full_disk_fails_the_build_in_one_line_and_leaves_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    small = tmp_path / "small"
+    small.mkdir()
+    mount = ["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(small)]
+    if subprocess.run(mount, capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a small tmpfs here (needs root)")
+    try:
+        path = write_jsonl(tmp_path / "d.jsonl", _formats(generate_rows(400, 8))["standard"])
+        with pytest.raises(SystemExit) as exit_:
+            prepare_main([f"data.path={path}", "data.eval_fraction=0.1",
+                          f"data.cache_dir={small}"])  # fmt: skip
+        assert exit_.value.code == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(f"rmtrain prepare: error: {small}: cannot write the data cache (")
+        assert "No space left on device" in err
+        assert list(small.iterdir()) == []
+    finally:
+        subprocess.run(["umount", str(small)], check=False)

@@ -365,6 +365,9 @@ def _run_part(part: Part) -> PartResult:
     except DataError as err:
         writer.close()
         return PartResult(part.index, part.read, rows, pairs, tokens, str(err))
+    except OSError as err:  # writing the shard: a full disk, say
+        return PartResult(part.index, part.read, rows, pairs, tokens,
+                          f"{job.out.parent}: cannot write the data cache ({err})")  # fmt: skip
     writer.close()
     return PartResult(part.index, part.read, rows, pairs, tokens)
 
@@ -691,8 +694,14 @@ def prepare(
     leader = ranks.rank == peers[0]
     build_id = ranks.all_gather(uuid.uuid4().hex[:12])[peers[0]]
     build = root / f".build-{key}-{build_id}"
-    with _build_directory(root, build) if leader else contextlib.nullcontext():
-        ranks.barrier()
+    with contextlib.ExitStack() as stack:
+        problem = None
+        if leader:
+            try:
+                stack.enter_context(_build_directory(root, build))
+            except ConfigError as err:
+                problem = str(err)
+        _agree(ranks, problem)
         job = _Job(reads, tokenizer, template, d.max_length, objective, build)
         results = _tokenize(job, ranks, peers, d.num_proc, progress)
         failed = next((r for r in results if r.error), None)
@@ -701,15 +710,26 @@ def prepare(
         if leader:
             built = {"seconds": round(time.monotonic() - started, 3),
                      "processes": sum(r.processes for r in results if r.first)}  # fmt: skip
-            _write_entry(job, results, build / "entry", key=key, inputs=inputs, built=built)
-            if d.cache:
-                _place(build / "entry", entry)
-        ranks.barrier()
+            try:
+                _write_entry(job, results, build / "entry", key=key, inputs=inputs, built=built)
+                if d.cache:
+                    _place(build / "entry", entry)
+            except OSError as err:  # a full disk, say
+                problem = f"{root}: cannot write the data cache ({err})"
+        _agree(ranks, problem)
         store = Store.open(entry if d.cache else build / "entry")
         if store is None:
             raise DataError(f"{entry}: the data cache entry just built cannot be read back")
         ranks.barrier()  # every rank maps it before the build directory goes
     return Prepared(store, built=True, seconds=time.monotonic() - started)
+
+
+def _agree(ranks: Ranks, problem: str | None) -> None:
+    """A barrier after which every rank raises the first rank's problem, or none does (a rank
+    alone in an error would leave the others waiting in the next collective)."""
+    problems = [p for p in ranks.all_gather(problem) if p]
+    if problems:
+        raise ConfigError(problems[0])
 
 
 def _tokenize(

@@ -192,8 +192,11 @@ class Store:
         for name, spec in manifest["arrays"].items():
             dtype, length = np.dtype(spec["dtype"]), int(spec["length"])
             file = Path(directory) / f"{name}.bin"
-            if file.stat().st_size != length * dtype.itemsize:
-                return None  # damaged: treated as absent, rebuilt
+            try:
+                if file.stat().st_size != length * dtype.itemsize:
+                    return None  # damaged: treated as absent, rebuilt
+            except OSError:
+                return None
             # copy-on-write: shared, read-only pages as with mode "r", but arrays torch takes
             # without a non-writable warning (nothing here writes to them; a write would stay
             # in the process and never reach the file)
