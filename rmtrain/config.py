@@ -258,7 +258,8 @@ class DataConfig:
     cache_dir: str | None = None
     """Where the data cache lives; None: $RMTRAIN_DATA_CACHE, else ~/.cache/rmtrain/pairs."""
     num_proc: int | None = None
-    """Processes per rank that tokenize a cold cache (None: the rank's share of the CPU cores)."""
+    """Processes per rank that tokenize a cold cache (None: the rank's share of the CPU cores,
+    one for less than 64 MiB of input)."""
 
     @property
     def per_pair_margin(self) -> bool:
