@@ -422,6 +422,12 @@ class TrainerConfig:
     concatenated into rows with position_ids restarting per sequence (attention stays inside each
     sequence: block-diagonal masks for sdpa/eager, flash-attention varlen with one row). Same
     scores and losses as the padded path, without computing on padding."""
+    prefix_sharing: bool = False
+    """With packing: each pair becomes one packed segment [shared prefix][chosen rest][rejected
+    rest] (a row's K responses: [prefix][rest 1]...[rest K]), the prefix being the longest
+    common prefix of the token ids (>= 16 tokens, else the pair is packed unshared); every rest
+    attends to the prefix and itself, positions continuing from the prefix. The prefix (the
+    conversation so far) is computed once; scores and losses equal unshared packing."""
     max_tokens_per_micro_batch: int | None = None
     """Token-budget micro-batches: group pairs (length-aware, deterministic from the seed, every
     pair once per epoch) so each micro-batch holds at most this many real tokens (chosen +
@@ -459,6 +465,8 @@ class TrainerConfig:
             raise ConfigError("trainer.keep_last must be >= 1")
         if self.max_tokens_per_micro_batch is not None and self.max_tokens_per_micro_batch < 16:
             raise ConfigError("trainer.max_tokens_per_micro_batch must be >= 16 (or null)")
+        if self.prefix_sharing and not self.packing:
+            raise ConfigError("trainer.prefix_sharing=true needs trainer.packing=true")
         if self.peak_tflops is not None and self.peak_tflops <= 0:
             raise ConfigError("trainer.peak_tflops must be > 0 (or null)")
 

@@ -131,7 +131,8 @@ def train(
     logger = build_logger(cfg.logger, is_main=env.is_main, output_dir=output_dir, run_name=label,
                           total_steps=steps, config=config,
                           resume_step=resume.marker.step if resume else None)  # fmt: skip
-    layout = Layout.for_model(eng.module.config, t.packing, cfg.model.padding_side)
+    layout = Layout.for_model(eng.module.config, t.packing, cfg.model.padding_side,
+                              t.prefix_sharing)  # fmt: skip
     loss = PairLoss(cfg.loss, cfg.objective, per_pair_margin=cfg.data.per_pair_margin)
     evaluator = Evaluator(
         eng, {MAIN_EVAL: data.eval, **data.eval_sets}, layout, loss, t.eval_batch_size, logger,

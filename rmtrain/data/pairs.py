@@ -130,11 +130,16 @@ def tokenize_pairs(
     stats = DataStats(pairs=len(keep), identical_dropped=len(raw) - len(keep))
     stats.truncated = sum(cut["chosen"][i] or cut["rejected"][i] for i in keep)
     metas = raw.meta or [{}] * len(raw)
+    # The pairs of one row (K responses to one prompt) form a group: stored once, trained
+    # together with loss.k_way.
+    rows: dict[tuple[str, int], int] = {}
+    groups = [rows.setdefault((raw.source[i], raw.row[i]), len(rows)) for i in keep]
     table = PairTable.from_lists(
         [ids["chosen"][i] for i in keep],
         [ids["rejected"][i] for i in keep],
         {k: [getattr(raw, k)[i] for i in keep] for k in LABELS},
         [json.dumps({"source": raw.source[i], "row": raw.row[i], **metas[i]}) for i in keep],
+        groups,
     )
     stats.duplicates = table.duplicates()
     return table, stats, sum(cut["chosen"][i] + cut["rejected"][i] for i in keep)
