@@ -48,6 +48,8 @@ SEGMENT_IMPLEMENTATIONS = {"rmtrain_sdpa": "sdpa", "rmtrain_eager": "eager"}
 # One gathered batch costs about this much beyond its attention work, in units of one query x
 # key score (dispatch, gathers, the scatter back); it decides how finely units are grouped.
 GROUP_OVERHEAD = 4096.0
+# Queries per piece of a long unit (see segment_plan).
+QUERY_CHUNK = 128
 
 
 def kernel_for(impl: str) -> str:
@@ -222,22 +224,31 @@ def _groups(costs_key: list[tuple[int, int]], overhead: float) -> list[tuple[int
     return out[::-1]
 
 
-def segment_plan(rows: Rows, overhead: float = GROUP_OVERHEAD) -> SegmentPlan:
-    """The unit batches of packed rows (see the module docstring)."""
+def segment_plan(
+    rows: Rows, overhead: float = GROUP_OVERHEAD, chunk: int = QUERY_CHUNK
+) -> SegmentPlan:
+    """The unit batches of packed rows (see the module docstring). A sequence's own tokens are
+    its queries and the prefix it reads plus its own tokens its keys; its queries are cut into
+    pieces of about `chunk`, each attending only to the keys up to its last query (so a causal
+    unit skips most of its upper triangle: CPU sdpa skips it only in blocks of 512 keys)."""
     n_rows, width = rows.input_ids.shape
     shared, own = (x.numpy() for x in rows.spans())
     row, start, length = rows.seq_row.numpy(), rows.seq_start.numpy(), rows.seq_len.numpy()
     base = row * width
-    units: list[tuple[np.ndarray, np.ndarray, int]] = []  # (queries, keys, shared) per unit
+    units: list[tuple[np.ndarray, np.ndarray, int]] = []  # (queries, keys, first query's key)
     for i in range(len(length)):
         mine = base[i] + own[i] + np.arange(length[i] - shared[i])
-        prefix = base[i] + start[i] + np.arange(shared[i])
-        units.append((mine, np.concatenate([prefix, mine]), int(shared[i])))
+        keys = np.concatenate([base[i] + start[i] + np.arange(shared[i]), mine])
+        first = 0
+        while first < len(mine):
+            last = len(mine) if len(mine) - first < chunk + chunk // 2 else first + chunk
+            units.append((mine[first:last], keys[: shared[i] + last], int(shared[i]) + first))
+            first = last
 
     out_index = np.full(n_rows * width, -1, dtype=np.int64)
     batches: list[UnitBatch] = []
     offset = 0
-    for square in (True, False):
+    for square in (True, False):  # square: plain causal, no mask
         chosen = [u for u in units if (u[2] == 0) == square]
         chosen.sort(key=lambda u: (-len(u[1]), -len(u[0])))
         for lo, hi in _groups([(len(q), len(k)) for q, k, _ in chosen], overhead):
@@ -247,9 +258,9 @@ def segment_plan(rows: Rows, overhead: float = GROUP_OVERHEAD) -> SegmentPlan:
             q_index = np.zeros((len(group), n_q), dtype=np.int64)
             k_index = np.zeros((len(group), n_k), dtype=np.int64)
             q_pos = np.zeros((len(group), n_q), dtype=np.int64)
-            for j, (q, k, p) in enumerate(group):
+            for j, (q, k, first) in enumerate(group):
                 q_index[j, : len(q)], k_index[j, : len(k)] = q, k
-                q_pos[j, : len(q)] = p + np.arange(len(q))
+                q_pos[j, : len(q)] = first + np.arange(len(q))
                 out_index[q] = offset + j * n_q + np.arange(len(q))
             k_len = np.array([len(k) for _, k, _ in group], dtype=np.int64)
             batches.append(UnitBatch(*(torch.from_numpy(x) for x in (q_index, k_index, q_pos,

@@ -103,6 +103,11 @@ class PairBatch:
     def pairs(self) -> int:
         return int(self.labels.margin.numel())
 
+    def pair_lengths(self) -> torch.Tensor:
+        """`[2B]` tokens of every pair's chosen and rejected sequence: what the batch trains,
+        whether or not sequences and prefixes are computed once."""
+        return self.rows.seq_len[torch.cat([self.chosen, self.rejected])]
+
     def model_inputs(self) -> dict[str, Any]:
         """The score model's forward arguments (`rmtrain.model`)."""
         inputs: dict[str, Any] = dict(self.rows.model_inputs())

@@ -168,7 +168,7 @@ class Trainer:
             for name, term in terms.items():
                 sums.add(name, (term.detach() * weights).sum() / parts)
             if mb.weights[0] > 0:  # not a padding micro-batch
-                lengths = batch.rows.seq_len
+                lengths = batch.pair_lengths()  # both sides of every pair, as trained
                 sums.add("tokens", lengths.sum())
                 sums.add("tokens_sq", (lengths.double() ** 2).sum())
                 sums.add("fed_tokens", batch.rows.fed_tokens)

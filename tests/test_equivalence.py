@@ -130,6 +130,24 @@ VARIANTS |= {
     ),
 }
 
+# Prefix sharing (issue 20): each pair one packed segment, its prompt computed once. The same
+# batches again, so the same training (every pair shares its safe_rlhf prompt, >= 16 tokens).
+SHARED = [*PACKED, "trainer.prefix_sharing=true"]
+VARIANTS |= {
+    "s_z0": ([*SHARED, "deepspeed=zero0", "trainer.micro_batch_size=8"], 1),
+    "s_z3_m2_a4": (
+        [*SHARED, "deepspeed=zero3", *Z3, "trainer.micro_batch_size=2",
+         "trainer.gradient_accumulation_steps=4"],
+        1,
+    ),  # fmt: skip
+    "s_w2_z2_m2_a2": (
+        [*SHARED, "deepspeed=zero2", "trainer.micro_batch_size=2",
+         "trainer.gradient_accumulation_steps=2"],
+        2,
+    ),  # fmt: skip
+    "tb_s_z1_a4": ([*TB, *SHARED, "deepspeed=zero1", "trainer.gradient_accumulation_steps=4"], 1),
+}
+
 # Tolerances (fp32). Every configuration computes the same sums, only grouped differently
 # (per-micro-batch vs whole-batch padding, the order of gradient reductions over micro-batches and
 # ranks, DeepSpeed's divide-vs-torch's multiply in clipping): a few ulps per step. Measured (max
@@ -419,3 +437,21 @@ def test_packed_run_logs_throughput(runs: Any) -> None:
     )
     assert all(0 <= x < 1 for x in pf_packed + pf_padded)
     assert sum(pf_packed) < sum(pf_padded)
+
+
+@pytest.mark.slow
+def test_prefix_sharing_computes_each_prompt_once(runs: Any) -> None:
+    """The shared run really shares (every pair's safe_rlhf prompt is one prefix): a part of the
+    trained tokens is not recomputed, the same tokens count as trained as in the padded run,
+    and the one-row segments layout feeds no padding at all."""
+    shared, padded = runs("s_z0"), runs(BASELINE)
+    fractions = shared.train("train/shared_fraction")
+    assert all(0.1 < x < 0.5 for x in fractions), fractions
+    assert "train/shared_fraction" not in padded.metrics[1]
+    assert shared.train("train/padded_fraction") == [0.0] * STEPS
+
+    def trained(run: Run) -> list[float]:
+        speed, seconds = run.train("train/tokens_per_s"), run.train("train/step_time_s")
+        return [round(a * b) for a, b in zip(speed, seconds, strict=True)]
+
+    assert trained(shared) == trained(padded)
