@@ -103,9 +103,10 @@ def token_layout(rows: Rows) -> TokenLayout:
         own_cols = slice(base[i] + own[i], base[i] + own[i] + length[i] - shared[i])
         segment[own_cols] = base[i] + start[i]
         branch[own_cols] = i + 1
-    for i in np.flatnonzero(shared > 0):  # the prefix its segment's owner computes
-        segment[base[i] + start[i] : base[i] + start[i] + shared[i]] = base[i] + start[i]
-        branch[base[i] + start[i] : base[i] + start[i] + shared[i]] = 0
+    for j in np.flatnonzero(shared > 0).tolist():  # the prefix its segment's owner computes
+        prefix = slice(base[j] + start[j], base[j] + start[j] + shared[j])
+        segment[prefix] = base[j] + start[j]
+        branch[prefix] = 0
     return TokenLayout(
         torch.from_numpy(segment).view(n_rows, width),
         torch.from_numpy(branch).view(n_rows, width),
@@ -169,8 +170,10 @@ class UnitBatch:
         return self._masks[window]
 
     def to(self, device: torch.device) -> UnitBatch:
-        return UnitBatch(*(x.to(device) for x in (self.q_index, self.k_index, self.q_pos,
-                                                   self.k_len)), self.square)  # fmt: skip
+        q_index, k_index, q_pos, k_len = (
+            x.to(device) for x in (self.q_index, self.k_index, self.q_pos, self.k_len)
+        )
+        return UnitBatch(q_index, k_index, q_pos, k_len, self.square)
 
 
 @dataclass
@@ -263,8 +266,8 @@ def segment_plan(
                 q_pos[j, : len(q)] = first + np.arange(len(q))
                 out_index[q] = offset + j * n_q + np.arange(len(q))
             k_len = np.array([len(k) for _, k, _ in group], dtype=np.int64)
-            batches.append(UnitBatch(*(torch.from_numpy(x) for x in (q_index, k_index, q_pos,
-                                                                      k_len)), square))  # fmt: skip
+            q_t, k_t, pos_t, len_t = (torch.from_numpy(x) for x in (q_index, k_index, q_pos, k_len))
+            batches.append(UnitBatch(q_t, k_t, pos_t, len_t, square))
             offset += len(group) * n_q
     out_index[out_index < 0] = offset  # the zero row
     return SegmentPlan(batches, torch.from_numpy(out_index), (n_rows, width))
@@ -403,18 +406,23 @@ def _register() -> None:
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_mask
 
-    base_masks = {"sdpa": sdpa_mask, "eager": eager_mask}
+    base_masks: dict[str, Callable[..., Any]] = {"sdpa": sdpa_mask, "eager": eager_mask}
     for name, base in SEGMENT_IMPLEMENTATIONS.items():
         AttentionInterface.register(name, _delegate(base))
+        AttentionMaskInterface.register(name, _mask_or_none(base_masks[base]))
 
-        def mask(*args: Any, _base: Callable[..., Any] = base_masks[base], **kwargs: Any) -> Any:
-            # Packed rows come with a plan and need no mask: none is built (no 2-D padding
-            # mask means packed rows here, the only unpadded input rmtrain gives the model).
-            if kwargs.get("attention_mask") is None:
-                return None
-            return _base(*args, **kwargs)
 
-        AttentionMaskInterface.register(name, mask)
+def _mask_or_none(base: Callable[..., Any]) -> Callable[..., Any]:
+    """The base implementation's mask builder, except for packed rows, which come with a plan
+    and need no mask (no 2-D padding mask means packed rows: the only unpadded input rmtrain
+    gives the model), so none is built."""
+
+    def mask(*args: Any, **kwargs: Any) -> Any:
+        if kwargs.get("attention_mask") is None:
+            return None
+        return base(*args, **kwargs)
+
+    return mask
 
 
 def install(config: Any) -> None:

@@ -136,15 +136,24 @@ SHARED = [*PACKED, "trainer.prefix_sharing=true"]
 VARIANTS |= {
     "s_z0": ([*SHARED, "deepspeed=zero0", "trainer.micro_batch_size=8"], 1),
     "s_z3_m2_a4": (
-        [*SHARED, "deepspeed=zero3", *Z3, "trainer.micro_batch_size=2",
-         "trainer.gradient_accumulation_steps=4"],
+        [
+            *SHARED,
+            "deepspeed=zero3",
+            *Z3,
+            "trainer.micro_batch_size=2",
+            "trainer.gradient_accumulation_steps=4",
+        ],
         1,
-    ),  # fmt: skip
+    ),
     "s_w2_z2_m2_a2": (
-        [*SHARED, "deepspeed=zero2", "trainer.micro_batch_size=2",
-         "trainer.gradient_accumulation_steps=2"],
+        [
+            *SHARED,
+            "deepspeed=zero2",
+            "trainer.micro_batch_size=2",
+            "trainer.gradient_accumulation_steps=2",
+        ],
         2,
-    ),  # fmt: skip
+    ),
     "tb_s_z1_a4": ([*TB, *SHARED, "deepspeed=zero1", "trainer.gradient_accumulation_steps=4"], 1),
 }
 
