@@ -125,6 +125,8 @@ class ModelConfig:
 FORMATS = (
     "auto",
     "pku_saferlhf",
+    "ultrafeedback_completions",
+    "ranked",
     "ultrafeedback",
     "conversational",
     "conversational_implicit",
@@ -211,7 +213,7 @@ class DataConfig:
     format: str = "auto"
     """Row layout of data.path: "auto" (detected from the columns), pku_saferlhf, standard,
     standard_implicit, conversational, conversational_implicit, hh_rlhf, ultrafeedback,
-    rewardbench, rmbench (README: "Data formats")."""
+    ultrafeedback_completions, ranked, rewardbench, rmbench (README: "Data formats")."""
     eval_fraction: float = 0.0
     """Hold out this fraction of the training rows as the eval set (0: use eval_path or the
     eval_split). Deterministic from split_seed; the held-out rows are recorded."""
@@ -264,6 +266,9 @@ class DataConfig:
             raise ConfigError("data.min_severity_gap must be >= 0")
 
 
+K_WAY = ("pairs", "all_pairs", "chosen_vs_rest")
+
+
 @dataclass
 class LossConfig:
     """The training objective's terms (pure torch functions in rmtrain.losses)."""
@@ -279,9 +284,18 @@ class LossConfig:
     """safe-rlhf score regularisation λ: λ·(mean(r_c²) + mean(r_r²))."""
     center_reg: float = 0.0
     """TRL reward centering λ: λ·mean((r_c + r_r)²)."""
+    k_way: str = "pairs"
+    """Rows with K >= 2 responses to one prompt (ranked or rated; their pairs are a group):
+    "pairs" trains each pair on its own; "all_pairs" trains every ordered pair (better, worse)
+    of a row together in one micro-batch, each of the K responses computed once (and the prompt
+    once with trainer.prefix_sharing), every pair weighing as a lone pair does, so a row of P
+    pairs counts as much as its P pairs expanded; "chosen_vs_rest" the same with only the pairs
+    whose better side is the row's best response (K - 1 pairs). With either, trainer.
+    micro_batch_size counts rows, and the step's loss is the mean over its pairs."""
 
     def __post_init__(self) -> None:
         _choice("loss.name", self.name, ("bt", "bt_tokenwise", "margin"))
+        _choice("loss.k_way", self.k_way, K_WAY)
         if not 0.0 <= self.label_smoothing < 0.5:
             raise ConfigError("loss.label_smoothing must be in [0, 0.5)")
         if self.score_reg < 0 or self.center_reg < 0:

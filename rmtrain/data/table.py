@@ -212,6 +212,21 @@ class PairTable:
         stored = self.index if indices is None else self.index[np.asarray(indices, np.int64)]
         return self.stored_groups()[stored]
 
+    def group_members(self) -> list[list[int]]:
+        """The shown pairs of every group (prompt row), groups in order of first appearance."""
+        members: dict[int, list[int]] = {}
+        for i, g in enumerate(self.group_ids().tolist()):
+            members.setdefault(g, []).append(i)
+        return list(members.values())
+
+    def group_lengths(self, members: Sequence[Sequence[int]]) -> np.ndarray:
+        """Tokens of each group's distinct sequences (each of a row's responses once)."""
+        out = np.empty(len(members), dtype=np.int64)
+        for k, pairs in enumerate(members):
+            seqs = np.unique(self.sequence_ids(pairs).reshape(-1))
+            out[k] = int((self.offsets[seqs + 1] - self.offsets[seqs]).sum())
+        return out
+
     def stored_sequence(self, s: int) -> np.ndarray:
         """The token ids of stored sequence `s`."""
         return self.tokens[self.offsets[s] : self.offsets[s + 1]]
