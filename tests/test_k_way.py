@@ -71,7 +71,7 @@ def test_ranked_and_rated_rows_give_every_ordered_pair() -> None:
     said = [(c[-1]["content"], r[-1]["content"]) for c, r in zip(raw.chosen, raw.rejected,
                                                                   strict=True)]  # fmt: skip
     assert sorted(said) == sorted([("c", "a"), ("c", "b"), ("a", "b")])
-    assert sorted(m["completion"] for m in raw.meta) == [[0, 1], [2, 0], [2, 1]]
+    assert sorted(m["responses"] for m in raw.meta) == [[0, 1], [2, 0], [2, 1]]
 
     uf = [{"instruction": "q?", "completions": [
         {"response": "x", "fine-grained_score": 4.5, "overall_score": 2.0},

@@ -422,8 +422,8 @@ class _KResponses(_PairFormat):
         return [(exchange(p, rated[a][0]), exchange(p, rated[b][0])) for a, b in pairs]
 
     def pair_meta(self, cols: dict[str, list[Any]], i: int, k: int) -> dict[str, Any]:
-        """Also which two responses of the row the pair compares."""
-        return {**super().pair_meta(cols, i, k), "completion": list(self.order(cols, i)[k])}
+        """Also which two of the row's responses the pair compares (better, worse)."""
+        return {**super().pair_meta(cols, i, k), "responses": list(self.order(cols, i)[k])}
 
     def row_margin(self, cols: dict[str, list[Any]], i: int, cfg: DataConfig) -> float | None:
         return None  # per pair, see to_pairs
