@@ -224,8 +224,10 @@ def make_model(path: Path, seed: int, name: str, source: Path | None = None) -> 
         tiny.config.architectures = ["LlamaForSequenceClassification"]
         tiny.save_pretrained(path)
         tok.save_pretrained(path)
-        shape = ", ".join(f"{k.split('_')[-1] if 'heads' not in k else k}={v}"
-                          for k, v in TINY_SHAPE.items())  # fmt: skip
+        t = TINY_SHAPE
+        shape = (f"hidden {t['hidden_size']}, {t['num_hidden_layers']} layers, MLP "
+                 f"{t['intermediate_size']}, {t['num_attention_heads']} heads, "
+                 f"{t['num_key_value_heads']} KV heads")  # fmt: skip
         return {
             "params": sum(p.numel() for p in tiny.parameters()),
             "vocab": tiny.config.vocab_size,

@@ -3,9 +3,10 @@
 :class:`Rows` is the one layout type. :func:`pad_sequences` gives one row per sequence, padded
 on either side, with an attention mask. :func:`pack_sequences` gives padding-free rows: the
 sequences concatenated into one row `[1, T]` (or a few rows `[R, T]`, first-fit decreasing into
-rows of `max_row_tokens`), with `position_ids` restarting at 0 for every sequence. Either way
-sequence i is `input_ids[seq_row[i], seq_start[i]:][:seq_len[i]]` and its score is read at its
-last token (`seq_end`).
+rows of `max_row_tokens`), with `position_ids` restarting at 0 for every sequence. Unless it
+shares a prefix, sequence i is `input_ids[seq_row[i], seq_start[i]:][:seq_len[i]]`, and its
+score is read at its last token (`seq_end`); `Rows.token_index` says where the tokens of any
+sequence are, shared prefixes included.
 
 How attention stays inside each packed sequence (transformers 5, measured on CPU for sdpa and
 eager): `LlamaModel.forward(input_ids, position_ids=..., attention_mask=None, use_cache=False)`
@@ -22,13 +23,15 @@ plain causal mask that attends across sequences; the test suite checks both):
   `DynamicCache` before the mask is built -- in train mode too (only gradient checkpointing forces
   it off) -- and a cache disables packed-sequence detection.
 
-The sdpa/eager mask is dense: attention still costs O(T^2) per row, with the cross-sequence part
-masked rather than skipped. Packing into a few nearly full rows of moderate width
-(`balanced_row_tokens`: 1-4x the longest sequence, whichever is cheapest) keeps that cost at or
-below the padded batch's. The flash-attention kernels take the varlen path from `position_ids`
-only when the batch has ONE row (`_is_packed_sequence` checks `batch_size == 1`); with several
-rows they would run plain causal attention, so a flash implementation packs into one row and
-`packed_forward` refuses it with more.
+That mask is dense: attention costs O(T^2) per row, the cross-sequence part computed and then
+masked away. rmtrain's trainer therefore does not rely on it: `rmtrain.attention` computes each
+sequence's attention on its own tokens (the "segments" kernel, all sequences in ONE row, no
+padding at all), and lays out shared prefixes (`pack_sequences(groups=...)`), which no
+position-run rule can express. `balanced_row_tokens` (rows 1-4x the longest sequence, whichever
+is cheapest) serves the dense kernel. The flash-attention kernels take the varlen path from
+`position_ids` only when the batch has ONE row (`_is_packed_sequence` checks
+`batch_size == 1`); with several rows they would run plain causal attention, so a flash
+implementation packs into one row and `packed_forward` refuses it with more.
 
 `packed_forward`, `packed_scores` and `padded_scores` run any `*ForSequenceClassification`-shaped
 model (`model.model`, `model.score`) on these layouts: the reference path of the tests and of
@@ -331,12 +334,11 @@ class LayoutScores:
 
 
 def sequence_scores(scores: torch.Tensor, rows: Rows) -> list[torch.Tensor]:
-    """Per-token scores of each sequence, `[len_i, 1]`, in `seqs` order."""
-    out = []
-    for r, s, n in zip(rows.seq_row.tolist(), rows.seq_start.tolist(), rows.seq_len.tolist(),
-                       strict=True):  # fmt: skip
-        out.append(scores[r, s : s + n])
-    return out
+    """Per-token scores of each sequence, `[len_i, 1]`, in `seqs` order (a shared prefix in
+    every sequence that reads it)."""
+    index, _ = rows.token_index()
+    flat = scores.flatten(0, 1)
+    return [flat[index[i, :n]] for i, n in enumerate(rows.seq_len.tolist())]
 
 
 def packed_forward(backbone: nn.Module, rows: Rows) -> torch.Tensor:

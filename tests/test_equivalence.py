@@ -156,6 +156,21 @@ VARIANTS |= {
     ),
     "tb_s_z1_a4": ([*TB, *SHARED, "deepspeed=zero1", "trainer.gradient_accumulation_steps=4"], 1),
 }
+# LoRA (peft adapters, merged into the export): prefix sharing trains them as padding does.
+LORA = ["model.lora.enabled=true", "model.lora.r=8", "model.lora.alpha=16"]
+LORA_VARIANTS: dict[str, tuple[list[str], int]] = {
+    "lora_z2": ([*LORA, "deepspeed=zero2", "trainer.micro_batch_size=8"], 1),
+    "lora_s_z2_m4_a2": (
+        [
+            *LORA,
+            *SHARED,
+            "deepspeed=zero2",
+            "trainer.micro_batch_size=4",
+            "trainer.gradient_accumulation_steps=2",
+        ],
+        1,
+    ),
+}
 
 # Tolerances (fp32). Every configuration computes the same sums, only grouped differently
 # (per-micro-batch vs whole-batch padding, the order of gradient reductions over micro-batches and
@@ -250,7 +265,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Any:
 
     def get(name: str) -> Run:
         if name not in cache:
-            overrides, nproc = VARIANTS[name]
+            overrides, nproc = {**VARIANTS, **LORA_VARIANTS}[name]
             run_dir = root / name
             start = time.perf_counter()
             check_ok(run_train([*COMMON, *overrides, f"output_dir={run_dir}"], nproc=nproc))
@@ -464,3 +479,13 @@ def test_prefix_sharing_computes_each_prompt_once(runs: Any) -> None:
         return [round(a * b) for a, b in zip(speed, seconds, strict=True)]
 
     assert trained(shared) == trained(padded)
+
+
+@pytest.mark.slow
+def test_lora_with_prefix_sharing_matches_lora_padded(runs: Any) -> None:
+    base, run = runs("lora_z2"), runs("lora_s_z2_m4_a2")
+    assert all(x > 0.1 for x in run.train("train/shared_fraction"))
+    for key in ("train/loss", "train/grad_norm"):
+        assert_close_steps(run.train(key), base.train(key), f"LoRA shared: {key}", LOSS_RTOL,
+                           LOSS_ATOL)  # fmt: skip
+    assert_weights_close(run.weights, base.weights, "LoRA shared vs LoRA padded")
