@@ -546,6 +546,13 @@ class Config:
         _choice("objective", self.objective, ("reward", "cost"))
         if self.objective == "cost" and self.data.preference != "safer":
             raise ConfigError("objective=cost trains on safety pairs: set data.preference=safer")
+        if self.trainer.prefix_sharing and "flash" in self.model.attn_implementation:
+            raise ConfigError(
+                f"trainer.prefix_sharing=true with model.attn_implementation="
+                f"{self.model.attn_implementation}: flash-attention's varlen path cannot let a "
+                "response see the shared prompt without the other response; use sdpa, eager or "
+                "flex_attention"
+            )
 
 
 def register_schemas() -> None:

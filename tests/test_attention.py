@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import Any
 
 import numpy as np
 import pytest
@@ -16,7 +17,7 @@ from conftest import tiny_score_config
 
 from rmtrain import attention
 from rmtrain.batch import Layout, collate, pair_scores
-from rmtrain.config import ConfigError, LossConfig, TrainerConfig
+from rmtrain.config import ConfigError, LossConfig, TrainerConfig, to_config
 from rmtrain.data.table import PairTable
 from rmtrain.losses import PairLoss
 from rmtrain.model import LlamaScoreModel
@@ -287,6 +288,9 @@ def test_kernels_that_cannot_express_the_mask_are_refused() -> None:
         Layout.for_model(config, packed=True, padding_side="right", share_prefixes=True)
     with pytest.raises(ConfigError, match=r"prefix_sharing=true needs trainer\.packing=true"):
         TrainerConfig(prefix_sharing=True)
+    with pytest.raises(ConfigError, match="flash-attention's varlen path cannot"):
+        to_config({"model": {"name_or_path": "tiny", "attn_implementation": "flash_attention_2"},
+                   "trainer": {"packing": True, "prefix_sharing": True}})  # fmt: skip
     config._attn_implementation = "sdpa"
     layout = Layout.for_model(config, packed=True, padding_side="right", share_prefixes=True)
     assert layout.kernel == "segments" and config._attn_implementation == "rmtrain_sdpa"
@@ -346,3 +350,63 @@ def test_flex_attention_block_mask_scores_like_the_sequences_alone() -> None:
         flex = attention.PackedAttention.build(rows, "flex")
         out = tiny_model("flex_attention").eval()(**rows.model_inputs(), attention=flex)
     torch.testing.assert_close(out.end_scores.squeeze(-1), want_end, rtol=1e-5, atol=1e-5)
+
+
+def _backbone(kind: str) -> torch.nn.Module:
+    """A tiny transformers sequence classifier of an architecture with sliding-window layers
+    (Mistral: every layer; Qwen2: the layers above max_window_layers; Gemma 2: every other one,
+    plus attention-logit soft-capping, which only its eager attention applies)."""
+    from transformers import (
+        Gemma2Config,
+        Gemma2ForSequenceClassification,
+        MistralConfig,
+        MistralForSequenceClassification,
+        Qwen2Config,
+        Qwen2ForSequenceClassification,
+    )  # fmt: skip
+
+    shape = {"vocab_size": 320, "hidden_size": 64, "intermediate_size": 128,
+             "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+             "pad_token_id": 0, "num_labels": 1}  # fmt: skip
+    torch.manual_seed(0)
+    if kind == "mistral":
+        model: Any = MistralForSequenceClassification(
+            MistralConfig(**shape, sliding_window=12, attn_implementation="sdpa"))  # fmt: skip
+    elif kind == "qwen2":
+        model = Qwen2ForSequenceClassification(Qwen2Config(
+            **shape, use_sliding_window=True, sliding_window=12, max_window_layers=1,
+            attn_implementation="sdpa"))  # fmt: skip
+    else:
+        model = Gemma2ForSequenceClassification(Gemma2Config(
+            **shape, head_dim=16, query_pre_attn_scalar=16, sliding_window=12,
+            attn_logit_softcapping=2.0, attn_implementation="eager"))  # fmt: skip
+    torch.nn.init.normal_(model.score.weight, std=1.0)
+    return model.float().eval()
+
+
+@pytest.mark.parametrize("kind", ["mistral", "qwen2", "gemma2"])
+@pytest.mark.parametrize("kernel", ["segments", "dense"])
+def test_sliding_windows_and_soft_capping_with_shared_prefixes(kind: str, kernel: str) -> None:
+    """Shared segments on real transformers architectures whose windows (12 positions, far
+    below the 100-200-token sequences) and soft-capping really act: the end scores equal those
+    of each sequence alone, padded, through the architecture's own masks and attention."""
+    from rmtrain.packing import padded_scores
+
+    seqs, groups = example_rows(long=True)
+    model = _backbone(kind)
+    with torch.no_grad():
+        want = padded_scores(model, seqs).end_scores.squeeze(-1)
+        config = model.config
+        unwindowed = _backbone(kind)
+        unwindowed.config.sliding_window = 4096  # above every sequence
+        if kind == "gemma2":
+            unwindowed.config.attn_logit_softcapping = None
+        assert (padded_scores(unwindowed, seqs).end_scores.squeeze(-1) - want).abs().max() > 1e-3
+        rows = Layout(packed=True, pad_token_id=0, kernel=kernel, share_prefixes=True,
+                      min_shared=4, token_cost=64.0).rows(seqs, groups)  # fmt: skip
+        packed = attention.PackedAttention.build(rows, kernel)
+        hidden = model.model(input_ids=rows.input_ids, position_ids=rows.position_ids,
+                             use_cache=False, **packed.decoder_kwargs(config, torch.device("cpu"),
+                                                                      torch.float32))  # fmt: skip
+        got = model.score(hidden.last_hidden_state)[rows.seq_row, rows.seq_end].squeeze(-1)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
