@@ -11,6 +11,11 @@ weighted sum each micro-batch back-propagates yields exactly the mean over the g
 however it is split. A micro-batch left empty by a short last batch gets one pair with weight 0,
 so every rank runs the same number of forward passes (ZeRO-3 gathers parameters collectively).
 
+With `loss.k_way` (all_pairs, chosen_vs_rest) the unit a plan draws, permutes and splits is a
+row of K responses (its pairs, `units`) instead of a pair: a micro-batch holds whole rows, so each
+row's responses (and with prefix sharing its prompt) are computed once, and every pair weighs
+world x accumulation / n_step pairs as above, so the loss is again the mean over the step's pairs.
+
 `TokenBudgetPlan` is the token-budget alternative (`trainer.max_tokens_per_micro_batch`): the
 micro-batches hold about the same number of real tokens instead of the same number of pairs
 (`token_budget_batches`), a step takes world x accumulation of them, and each
@@ -25,6 +30,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 
 from rmtrain.config import TrainerConfig
@@ -39,7 +45,8 @@ class MicroBatch:
     weights: list[float]  # per-pair loss weight (0 for padding)
 
 
-_ORDER_KEYS = ("num_pairs", "global_batch", "seed", "max_tokens_per_micro_batch", "window")
+_ORDER_KEYS = ("num_pairs", "global_batch", "seed", "max_tokens_per_micro_batch", "window",
+               "units")  # fmt: skip
 
 
 def check_same_order(saved: dict[str, Any], now: dict[str, Any], source: str) -> None:
@@ -63,14 +70,20 @@ class BatchPlan:
     world_size: int
     rank: int
     seed: int
+    units: Sequence[Sequence[int]] | None = None  # k-way: each row's pairs, kept together
 
     @property
     def global_batch(self) -> int:
+        """Pairs per step (rows per step for a k-way plan)."""
         return self.micro_batch_size * self.accumulation * self.world_size
 
     @property
+    def num_units(self) -> int:
+        return self.num_pairs if self.units is None else len(self.units)
+
+    @property
     def steps_per_epoch(self) -> int:
-        return math.ceil(self.num_pairs / self.global_batch)
+        return math.ceil(self.num_units / self.global_batch)
 
     def total_steps(self, max_steps: int | None, epochs: int) -> int:
         """Optimizer steps of a run: `max_steps`, else whole epochs."""
@@ -85,6 +98,7 @@ class BatchPlan:
             "seed": self.seed,
             "epoch": epoch,
             "batch_in_epoch": batch_in_epoch,
+            **({} if self.units is None else {"units": len(self.units)}),
         }
 
     def epoch_position(self, steps_done: int) -> float:
@@ -93,23 +107,31 @@ class BatchPlan:
 
     def permutation(self, epoch: int) -> list[int]:
         gen = torch.Generator().manual_seed(self.seed + epoch)
-        return torch.randperm(self.num_pairs, generator=gen).tolist()
+        return torch.randperm(self.num_units, generator=gen).tolist()
 
     def step(self, step: int) -> list[MicroBatch]:
         """Micro-batches of this rank for 0-based optimizer step `step` (epochs wrap around)."""
         epoch, within = divmod(step, self.steps_per_epoch)
         perm = self.permutation(epoch)
         batch = perm[within * self.global_batch : (within + 1) * self.global_batch]
-        chunks = split_evenly(batch, self.accumulation * self.world_size)
-        weight = self.accumulation * self.world_size / len(batch)
+        chunks = [unit_pairs(c, self.units) for c in
+                  split_evenly(batch, self.accumulation * self.world_size)]  # fmt: skip
+        weight = self.accumulation * self.world_size / sum(len(c) for c in chunks)
         out = []
         for k in range(self.accumulation):
             chunk = chunks[k * self.world_size + self.rank]
             if chunk:
                 out.append(MicroBatch(chunk, [weight] * len(chunk)))
             else:
-                out.append(MicroBatch([batch[0]], [0.0]))
+                out.append(MicroBatch(unit_pairs(batch[:1], self.units)[:1], [0.0]))
         return out
+
+
+def unit_pairs(units: Sequence[int], members: Sequence[Sequence[int]] | None) -> list[int]:
+    """The pairs of plan units `units`: the units themselves, or each row's pairs (k-way)."""
+    if members is None:
+        return list(units)
+    return [p for u in units for p in members[u]]
 
 
 @dataclass
@@ -122,18 +144,19 @@ class TokenBudgetPlan:
     number of steps can differ between epochs (the bins depend on the permutation).
     """
 
-    lengths: Sequence[int]  # tokens of each pair (chosen + rejected)
+    lengths: Sequence[int]  # tokens of each pair (chosen + rejected); k-way: of each row
     max_tokens: int
     accumulation: int
     world_size: int
     rank: int
     seed: int
     window: int = 1024
+    units: Sequence[Sequence[int]] | None = None  # k-way: each row's pairs, kept together
     _cache: dict[int, list[list[MicroBatch]]] = field(default_factory=dict, repr=False)
 
     @property
     def num_pairs(self) -> int:
-        return len(self.lengths)
+        return len(self.lengths) if self.units is None else sum(len(u) for u in self.units)
 
     def epoch_steps(self, epoch: int) -> list[list[MicroBatch]]:
         """This rank's micro-batches of every step of `epoch` (the last two epochs cached)."""
@@ -141,6 +164,8 @@ class TokenBudgetPlan:
             batches = token_budget_batches(
                 self.lengths, self.max_tokens, self.seed, epoch, self.window
             )
+            if self.units is not None:
+                batches = [unit_pairs(b, self.units) for b in batches]
             steps = token_budget_steps(batches, self.world_size, self.accumulation, self.rank)
             if len(self._cache) >= 2:
                 self._cache.pop(min(self._cache))
@@ -180,6 +205,7 @@ class TokenBudgetPlan:
             "seed": self.seed,
             "epoch": epoch,
             "batch_in_epoch": batch_in_epoch,
+            **({} if self.units is None else {"units": len(self.units)}),
         }
 
     def step(self, step: int) -> list[MicroBatch]:
@@ -188,15 +214,30 @@ class TokenBudgetPlan:
 
 
 def build_plan(
-    t: TrainerConfig, pairs: PairTable, world_size: int, rank: int
+    t: TrainerConfig, pairs: PairTable, world_size: int, rank: int, k_way: str = "pairs"
 ) -> BatchPlan | TokenBudgetPlan:
-    """Which pairs this rank sees per step: `trainer.micro_batch_size` pairs per micro-batch, or
-    token-budget micro-batches (`trainer.max_tokens_per_micro_batch`)."""
+    """Which pairs this rank sees per step: `trainer.micro_batch_size` pairs (k-way: rows) per
+    micro-batch, or token-budget micro-batches (`trainer.max_tokens_per_micro_batch`; k-way:
+    a row's tokens are its distinct responses')."""
     accum = t.gradient_accumulation_steps
+    units = None if k_way == "pairs" else pairs.group_members()
     if t.max_tokens_per_micro_batch is None:
-        return BatchPlan(len(pairs), t.micro_batch_size, accum, world_size, rank, t.seed)
-    lengths = pairs.lengths().tolist()
-    return TokenBudgetPlan(lengths, t.max_tokens_per_micro_batch, accum, world_size, rank, t.seed)
+        return BatchPlan(len(pairs), t.micro_batch_size, accum, world_size, rank, t.seed, units)
+    lengths = pairs.lengths().tolist() if units is None else pairs.group_lengths(units).tolist()
+    return TokenBudgetPlan(lengths, t.max_tokens_per_micro_batch, accum, world_size, rank, t.seed,
+                           units=units)  # fmt: skip
+
+
+def k_way_pairs(pairs: PairTable, k_way: str) -> PairTable:
+    """The pairs `loss.k_way` trains: all of them, or (chosen_vs_rest) those whose chosen side
+    is its row's best response (one no pair of the row ranks below another)."""
+    if k_way != "chosen_vs_rest":
+        return pairs
+    ids, groups = pairs.sequence_ids(np.arange(len(pairs))), pairs.group_ids()
+    beaten = set(zip(groups.tolist(), ids[:, 1].tolist(), strict=True))
+    keep = [i for i, (g, c) in enumerate(zip(groups.tolist(), ids[:, 0].tolist(), strict=True))
+            if (g, c) not in beaten]  # fmt: skip
+    return pairs.select(keep)
 
 
 def split_evenly(items: list[int], parts: int) -> list[list[int]]:

@@ -149,6 +149,8 @@ class ModelConfig:
 FORMATS = (
     "auto",
     "pku_saferlhf",
+    "ultrafeedback_completions",
+    "ranked",
     "ultrafeedback",
     "conversational",
     "conversational_implicit",
@@ -236,7 +238,7 @@ class DataConfig:
     format: str = "auto"
     """Row layout of data.path: "auto" (detected from the columns), pku_saferlhf, standard,
     standard_implicit, conversational, conversational_implicit, hh_rlhf, ultrafeedback,
-    rewardbench, rmbench (README: "Data formats")."""
+    ultrafeedback_completions, ranked, rewardbench, rmbench (README: "Data formats")."""
     eval_fraction: float = 0.0
     """Hold out this fraction of the training rows as the eval set (0: use eval_path or the
     eval_split). Deterministic from split_seed; the held-out rows are recorded."""
@@ -300,6 +302,9 @@ class DataConfig:
             raise ConfigError(f"data.num_proc={self.num_proc} must be >= 1 (or null: automatic)")
 
 
+K_WAY = ("pairs", "all_pairs", "chosen_vs_rest")
+
+
 @dataclass
 class LossConfig:
     """The training objective's terms (pure torch functions in rmtrain.losses)."""
@@ -315,9 +320,18 @@ class LossConfig:
     """safe-rlhf score regularisation λ: λ·(mean(r_c²) + mean(r_r²))."""
     center_reg: float = 0.0
     """TRL reward centering λ: λ·mean((r_c + r_r)²)."""
+    k_way: str = "pairs"
+    """Rows with K >= 2 responses to one prompt (ranked or rated; their pairs are a group):
+    "pairs" trains each pair on its own; "all_pairs" trains every ordered pair (better, worse)
+    of a row together in one micro-batch, each of the K responses computed once (and the prompt
+    once with trainer.prefix_sharing), every pair weighing as a lone pair does, so a row of P
+    pairs counts as much as its P pairs expanded; "chosen_vs_rest" the same with only the pairs
+    whose better side is the row's best response (K - 1 pairs). With either, trainer.
+    micro_batch_size counts rows, and the step's loss is the mean over its pairs."""
 
     def __post_init__(self) -> None:
         _choice("loss.name", self.name, ("bt", "bt_tokenwise", "margin"))
+        _choice("loss.k_way", self.k_way, K_WAY)
         if not 0.0 <= self.label_smoothing < 0.5:
             raise ConfigError("loss.label_smoothing must be in [0, 0.5)")
         if self.score_reg < 0 or self.center_reg < 0:
@@ -458,6 +472,12 @@ class TrainerConfig:
     concatenated into rows with position_ids restarting per sequence (attention stays inside each
     sequence: block-diagonal masks for sdpa/eager, flash-attention varlen with one row). Same
     scores and losses as the padded path, without computing on padding."""
+    prefix_sharing: bool = False
+    """With packing: each pair becomes one packed segment [shared prefix][chosen rest][rejected
+    rest] (a row's K responses: [prefix][rest 1]...[rest K]), the prefix being the longest
+    common prefix of the token ids (>= 16 tokens, else the pair is packed unshared); every rest
+    attends to the prefix and itself, positions continuing from the prefix. The prefix (the
+    conversation so far) is computed once; scores and losses equal unshared packing."""
     max_tokens_per_micro_batch: int | None = None
     """Token-budget micro-batches: group pairs (length-aware, deterministic from the seed, every
     pair once per epoch) so each micro-batch holds at most this many real tokens (chosen +
@@ -495,6 +515,8 @@ class TrainerConfig:
             raise ConfigError("trainer.keep_last must be >= 1")
         if self.max_tokens_per_micro_batch is not None and self.max_tokens_per_micro_batch < 16:
             raise ConfigError("trainer.max_tokens_per_micro_batch must be >= 16 (or null)")
+        if self.prefix_sharing and not self.packing:
+            raise ConfigError("trainer.prefix_sharing=true needs trainer.packing=true")
         if self.peak_tflops is not None and self.peak_tflops <= 0:
             raise ConfigError("trainer.peak_tflops must be > 0 (or null)")
 
@@ -560,6 +582,13 @@ class Config:
         _choice("objective", self.objective, ("reward", "cost"))
         if self.objective == "cost" and self.data.preference != "safer":
             raise ConfigError("objective=cost trains on safety pairs: set data.preference=safer")
+        if self.trainer.prefix_sharing and "flash" in self.model.attn_implementation:
+            raise ConfigError(
+                f"trainer.prefix_sharing=true with model.attn_implementation="
+                f"{self.model.attn_implementation}: flash-attention's varlen path cannot let a "
+                "response see the shared prompt without the other response; use sdpa, eager or "
+                "flex_attention"
+            )
 
 
 def register_schemas() -> None:

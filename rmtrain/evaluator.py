@@ -66,7 +66,7 @@ class Evaluator:
         scored: list[tuple[int, float, float, float]] = []  # (pair, chosen, rejected, loss)
         for mb in eval_shards(len(table), self.batch_size, env.world_size, env.rank):
             batch = collate(table, mb.indices, self.layout)
-            out = self.engine.forward(**batch.rows.model_inputs())
+            out = self.engine.forward(**batch.model_inputs())
             if mb.weights[0] == 0:
                 continue  # a padding batch: this rank ran out of pairs (ZeRO-3 needs the pass)
             s = pair_scores(batch, out, self.loss.needs_token_scores)

@@ -97,6 +97,7 @@ class ScoreModelMixin:
     num_labels: int
     score: Any
     base_model: Any  # the decoder (transformers' `model`)
+    dtype: torch.dtype
 
     def __init__(self, config: PretrainedConfig) -> None:
         super().__init__(config)  # type: ignore[call-arg]
@@ -117,6 +118,7 @@ class ScoreModelMixin:
         position_ids: torch.Tensor | None = None,
         seq_row: torch.Tensor | None = None,
         seq_end: torch.Tensor | None = None,
+        attention: Any = None,
         **kwargs: object,
     ) -> ScoreModelOutput:
         """Scores at every position and at the last real token (attention mask 1).
@@ -124,7 +126,9 @@ class ScoreModelMixin:
         Packed (padding-free) input: `position_ids` restarting at 0 for every sequence, no
         `attention_mask`, and each sequence's last token given as (`seq_row`, `seq_end`); then
         `end_scores` is `[N, 1]` in sequence order and `end_index` is `seq_end`. Attention stays
-        inside each sequence (see `rmtrain.packing`).
+        inside each sequence: as transformers finds it from `position_ids` (see
+        `rmtrain.packing`), or as `attention` (an `rmtrain.attention.PackedAttention`) says,
+        which also expresses shared prefixes and computes only what the mask keeps.
 
         `normalize=True` (or "eval" / "running") standardises `scores` and `end_scores` with the
         recorded statistics; off by default.
@@ -138,11 +142,11 @@ class ScoreModelMixin:
                 raise ValueError(f"attention {impl!r} sees packed sequences only in ONE row")
             # attention_mask=None and use_cache=False are both required for transformers to find
             # the sequence boundaries in position_ids (rmtrain.packing's module docstring).
+            masks = {"attention_mask": None}
+            if attention is not None:
+                masks = attention.decoder_kwargs(self.config, input_ids.device, self.dtype)
             hidden = self.base_model(
-                input_ids=input_ids,
-                position_ids=position_ids,
-                attention_mask=None,
-                use_cache=False,
+                input_ids=input_ids, position_ids=position_ids, use_cache=False, **masks
             ).last_hidden_state
             rows, end_index = seq_row, seq_end
         else:

@@ -3,9 +3,10 @@
 :class:`Rows` is the one layout type. :func:`pad_sequences` gives one row per sequence, padded
 on either side, with an attention mask. :func:`pack_sequences` gives padding-free rows: the
 sequences concatenated into one row `[1, T]` (or a few rows `[R, T]`, first-fit decreasing into
-rows of `max_row_tokens`), with `position_ids` restarting at 0 for every sequence. Either way
-sequence i is `input_ids[seq_row[i], seq_start[i]:][:seq_len[i]]` and its score is read at its
-last token (`seq_end`).
+rows of `max_row_tokens`), with `position_ids` restarting at 0 for every sequence. Unless it
+shares a prefix, sequence i is `input_ids[seq_row[i], seq_start[i]:][:seq_len[i]]`, and its
+score is read at its last token (`seq_end`); `Rows.token_index` says where the tokens of any
+sequence are, shared prefixes included.
 
 How attention stays inside each packed sequence (transformers 5, measured on CPU for sdpa and
 eager): `LlamaModel.forward(input_ids, position_ids=..., attention_mask=None, use_cache=False)`
@@ -28,13 +29,15 @@ suite checks both):
   `DynamicCache` before the mask is built -- in train mode too (only gradient checkpointing forces
   it off) -- and a cache disables packed-sequence detection.
 
-The sdpa/eager mask is dense: attention still costs O(T^2) per row, with the cross-sequence part
-masked rather than skipped. Packing into a few nearly full rows of moderate width
-(`balanced_row_tokens`: 1-4x the longest sequence, whichever is cheapest) keeps that cost at or
-below the padded batch's. The flash-attention kernels take the varlen path from `position_ids`
-only when the batch has ONE row (`_is_packed_sequence` checks `batch_size == 1`); with several
-rows they would run plain causal attention, so a flash implementation packs into one row and
-`packed_forward` refuses it with more.
+That mask is dense: attention costs O(T^2) per row, the cross-sequence part computed and then
+masked away. rmtrain's trainer therefore does not rely on it: `rmtrain.attention` computes each
+sequence's attention on its own tokens (the "segments" kernel, all sequences in ONE row, no
+padding at all), and lays out shared prefixes (`pack_sequences(groups=...)`), which no
+position-run rule can express. `balanced_row_tokens` (rows 1-4x the longest sequence, whichever
+is cheapest) serves the dense kernel. The flash-attention kernels take the varlen path from
+`position_ids` only when the batch has ONE row (`_is_packed_sequence` checks
+`batch_size == 1`); with several rows they would run plain causal attention, so a flash
+implementation packs into one row and `packed_forward` refuses it with more.
 
 `packed_forward`, `packed_scores` and `padded_scores` run any `*ForSequenceClassification`-shaped
 model (`model.model`, `model.score`) on these layouts: the reference path of the tests and of
@@ -58,23 +61,42 @@ _MASK_IMPLEMENTATIONS = ("sdpa", "eager", "flex_attention")
 
 @dataclass
 class Rows:
-    """N sequences laid out in `[R, T]` rows for one forward pass (padded: R == N)."""
+    """N sequences laid out in `[R, T]` rows for one forward pass (padded: R == N).
+
+    A sequence is the columns `seq_start .. seq_start + shared_len` of its row (a prefix it
+    shares with other sequences of its segment, computed once by the segment's first sequence;
+    0 tokens unless prefixes are shared) followed by the `seq_len - shared_len` columns it owns
+    from `own_start` on. A sequence that shares nothing owns all of its columns
+    (`own_start == seq_start`)."""
 
     input_ids: torch.Tensor  # [R, T] long; padding holds the pad token id
     seq_row: torch.Tensor  # [N] long; row of each sequence
     seq_start: torch.Tensor  # [N] long; column of each sequence's first token
-    seq_len: torch.Tensor  # [N] long
+    seq_len: torch.Tensor  # [N] long; its tokens, the shared prefix included
     attention_mask: torch.Tensor | None = None  # padded: [R, T], 1 on real tokens
     position_ids: torch.Tensor | None = None  # packed: [R, T], 0.. per sequence and padding run
+    shared_len: torch.Tensor | None = None  # [N] long; leading tokens read from a shared prefix
+    own_start: torch.Tensor | None = None  # [N] long; column of its first own token
 
     @property
     def packed(self) -> bool:
         return self.attention_mask is None
 
     @property
+    def shares_prefixes(self) -> bool:
+        return self.shared_len is not None and bool(self.shared_len.any())
+
+    def spans(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(shared_len, own_start) of every sequence, also when nothing is shared."""
+        if self.shared_len is None or self.own_start is None:
+            return torch.zeros_like(self.seq_len), self.seq_start
+        return self.shared_len, self.own_start
+
+    @property
     def seq_end(self) -> torch.Tensor:
         """Column of each sequence's last token (where its score is read)."""
-        return self.seq_start + self.seq_len - 1
+        shared, own = self.spans()
+        return own + self.seq_len - shared - 1
 
     @property
     def fed_tokens(self) -> int:
@@ -83,7 +105,14 @@ class Rows:
 
     @property
     def real_tokens(self) -> int:
+        """Tokens of all sequences, each counted in full (a shared prefix once per sequence)."""
         return int(self.seq_len.sum())
+
+    @property
+    def computed_tokens(self) -> int:
+        """Real tokens the forward pass computes: a shared prefix counts once."""
+        shared, _ = self.spans()
+        return int((self.seq_len - shared).sum())
 
     def model_inputs(self) -> dict[str, torch.Tensor]:
         """The score model's forward arguments (`rmtrain.model`): ids and mask, or ids,
@@ -98,15 +127,27 @@ class Rows:
             "seq_end": self.seq_end,
         }
 
-    def per_sequence(self, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(`[N, L, ...]` right-padded per-sequence view of `values` `[R, T, ...]`, padding 0;
-        mask `[N, L]`), L the longest sequence. Differentiable: gradients flow back to the
-        positions in the rows."""
+    def token_index(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(`[N, L]` index of each sequence's tokens into the flattened `[R * T]` rows, right
+        -padded with 0; mask `[N, L]`), L the longest sequence."""
         width = int(self.seq_len.max())
         cols = torch.arange(width)
         mask = cols[None, :] < self.seq_len[:, None]
-        base = self.seq_row * self.input_ids.size(1) + self.seq_start
-        index = torch.where(mask, base[:, None] + cols[None, :], torch.zeros((), dtype=torch.long))
+        shared, own = self.spans()
+        base = self.seq_row * self.input_ids.size(1)
+        col = torch.where(
+            cols[None, :] < shared[:, None],
+            self.seq_start[:, None] + cols[None, :],
+            (own - shared)[:, None] + cols[None, :],
+        )
+        index = torch.where(mask, base[:, None] + col, torch.zeros((), dtype=torch.long))
+        return index, mask
+
+    def per_sequence(self, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(`[N, L, ...]` right-padded per-sequence view of `values` `[R, T, ...]`, padding 0;
+        mask `[N, L]`), L the longest sequence; a shared prefix appears in every sequence that
+        reads it. Differentiable: gradients flow back to the positions in the rows."""
+        index, mask = self.token_index()
         flat = values.flatten(0, 1)[index.to(values.device)]
         keep = mask.to(values.device).view(*mask.shape, *([1] * (flat.dim() - 2)))
         zero = torch.zeros((), dtype=flat.dtype, device=flat.device)
@@ -169,51 +210,93 @@ def first_fit_decreasing(sizes: Sequence[int], capacity: int) -> list[list[int]]
     return [sorted(b) for b in bins]
 
 
+def common_prefix(seqs: Sequence[np.ndarray]) -> int:
+    """Length of the longest common prefix of token id sequences."""
+    n = min(len(s) for s in seqs)
+    first = seqs[0][:n]
+    for s in seqs[1:]:
+        differ = np.flatnonzero(s[:n] != first)
+        if len(differ):
+            n = int(differ[0])
+            first = first[:n]
+    return n
+
+
 def pack_sequences(
     seqs: Sequence[Sequence[int] | np.ndarray],
     max_row_tokens: int | None = None,
     pad_token_id: int = 0,
     pad_to_multiple_of: int = 1,
+    groups: Sequence[Sequence[int]] = (),
+    min_shared: int = 1,
 ) -> Rows:
     """Concatenate `seqs` into one row (`max_row_tokens=None`) or into rows of at most
-    `max(max_row_tokens, longest)` tokens (first-fit decreasing), right-padded to one width
-    rounded up to `pad_to_multiple_of`. Outputs keep the order of `seqs` (index i = seqs[i]).
-    A row's padding tail is numbered in runs of at most the longest sequence, each attending only
-    to itself."""
+    `max(max_row_tokens, longest segment)` tokens (first-fit decreasing), right-padded to one
+    width rounded up to `pad_to_multiple_of`. Outputs keep the order of `seqs` (index i =
+    seqs[i]). A row's padding tail is numbered in runs of at most the longest sequence, each
+    attending only to itself.
+
+    `groups` (lists of sequence indices, each sequence in at most one) share prefixes: a group
+    becomes one segment `[common prefix][first member's rest][second member's rest]...`, the
+    prefix being the longest common prefix of the members' token ids. The first member (the one
+    with the fewest tokens) owns the prefix; every other member reads it (`shared_len`) and owns
+    only its rest, whose positions continue from the prefix length. A group whose common prefix
+    is shorter than `min_shared` tokens is laid out unshared. Which tokens attend to which is
+    then no longer "same position run": :mod:`rmtrain.attention` builds it from these spans."""
     lens = _lengths(seqs)
+    arrays = [np.asarray(s, dtype=np.int64) for s in seqs]
+    segments: list[tuple[list[int], int]] = []  # (members, owner first; shared prefix length)
+    grouped = np.zeros(len(seqs), dtype=bool)
+    for group in groups:
+        members = list(group)
+        shared = common_prefix([arrays[i] for i in members]) if len(members) > 1 else 0
+        if shared < max(min_shared, 1):
+            continue
+        grouped[members] = True
+        owner = min(members, key=lambda i: (lens[i], i))
+        segments.append(([owner, *(i for i in members if i != owner)], shared))
+    segments += [([i], 0) for i in np.flatnonzero(~grouped).tolist()]
+    segments.sort(key=lambda seg: min(seg[0]))
+    sizes = [lens[m[0]] + sum(lens[i] - p for i in m[1:]) for m, p in segments]
     if max_row_tokens is None:
-        rows = [list(range(len(seqs)))]
+        rows = [list(range(len(segments)))]
     else:
-        rows = first_fit_decreasing(lens, max(max_row_tokens, max(lens)))
-    width = max(sum(lens[i] for i in row) for row in rows)
+        rows = first_fit_decreasing(sizes, max(max_row_tokens, max(sizes)))
+    width = max(sum(sizes[k] for k in row) for row in rows)
     width = -(-width // pad_to_multiple_of) * pad_to_multiple_of
 
-    input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
-    position_ids = torch.zeros((len(rows), width), dtype=torch.long)
-    seq_row = torch.empty(len(seqs), dtype=torch.long)
-    seq_start = torch.empty(len(seqs), dtype=torch.long)
+    input_ids = np.full((len(rows), width), pad_token_id, dtype=np.int64)
+    position_ids = np.zeros((len(rows), width), dtype=np.int64)
+    seq_row, seq_start, shared_len, own_start = (np.zeros(len(seqs), np.int64) for _ in range(4))
     for r, row in enumerate(rows):
         col = 0
-        for i in row:
-            n = lens[i]
-            input_ids[r, col : col + n] = torch.as_tensor(seqs[i], dtype=torch.long)
-            position_ids[r, col : col + n] = torch.arange(n)
-            seq_row[i], seq_start[i] = r, col
-            col += n
+        for k in row:
+            members, shared = segments[k]
+            start = col
+            for j, i in enumerate(members):
+                skip = shared if j else 0  # members after the first read the prefix
+                n = lens[i] - skip
+                input_ids[r, col : col + n] = arrays[i][skip:]
+                position_ids[r, col : col + n] = np.arange(skip, lens[i])
+                seq_row[i], seq_start[i], shared_len[i], own_start[i] = r, start, skip, col
+                col += n
         # The padding tail: runs of at most the longest sequence's length, each seeing only
         # itself, so no position exceeds the padded batch's largest (RoPE variants that pick
         # their frequencies from the largest position, Phi-3's LongRoPE and "dynamic", then
         # see the same batch as padded).
         for start in range(col, width, max(lens)):
             run = min(max(lens), width - start)
-            position_ids[r, start : start + run] = torch.arange(run)
-    return Rows(
-        input_ids=input_ids,
-        seq_row=seq_row,
-        seq_start=seq_start,
+            position_ids[r, start : start + run] = np.arange(run)
+    out = Rows(
+        input_ids=torch.from_numpy(input_ids),
+        seq_row=torch.from_numpy(seq_row),
+        seq_start=torch.from_numpy(seq_start),
         seq_len=torch.as_tensor(lens, dtype=torch.long),
-        position_ids=position_ids,
+        position_ids=torch.from_numpy(position_ids),
     )
+    if shared_len.any():
+        out.shared_len, out.own_start = torch.from_numpy(shared_len), torch.from_numpy(own_start)
+    return out
 
 
 def _fitted_width(lengths: Sequence[int], rows: int) -> int:
@@ -270,12 +353,11 @@ class LayoutScores:
 
 
 def sequence_scores(scores: torch.Tensor, rows: Rows) -> list[torch.Tensor]:
-    """Per-token scores of each sequence, `[len_i, 1]`, in `seqs` order."""
-    out = []
-    for r, s, n in zip(rows.seq_row.tolist(), rows.seq_start.tolist(), rows.seq_len.tolist(),
-                       strict=True):  # fmt: skip
-        out.append(scores[r, s : s + n])
-    return out
+    """Per-token scores of each sequence, `[len_i, 1]`, in `seqs` order (a shared prefix in
+    every sequence that reads it)."""
+    index, _ = rows.token_index()
+    flat = scores.flatten(0, 1)
+    return [flat[index[i, :n]] for i, n in enumerate(rows.seq_len.tolist())]
 
 
 def packed_forward(backbone: nn.Module, rows: Rows) -> torch.Tensor:

@@ -36,7 +36,7 @@ from rmtrain.objective import oriented_gap
 from rmtrain.scoring import DTYPES, NonFiniteScores, Scorer, add_data_arguments
 from rmtrain.text import TEMPLATES, check_messages
 
-PAIR_KEYS = ("chosen", "rejected", "response_0")
+PAIR_KEYS = ("chosen", "rejected", "response_0", "responses", "completions")
 
 
 def read_rows(path: Path) -> list[tuple[int, dict[str, Any]]]:
@@ -117,8 +117,11 @@ def score_rows(
             i = index_of_line[meta["row"]]
             # RM-Bench / RewardBench 2 rows: [chosen response, rejected response] of the row
             style = next((meta[k] for k in MULTI_RESPONSE_KEYS if k in meta), None)
+            ranked = meta.get("responses")  # K responses: [better, worse] response index
             ends = [
-                add(
+                add(table.seq(side, p), i, "scores", ranked[k])
+                if ranked
+                else add(
                     table.seq(side, p),
                     i,
                     f"{side}_scores" if style else f"{side}_score",
@@ -140,8 +143,10 @@ def score_rows(
             )
         if pos is None:
             out[i][field] = scores[k]
-        else:
-            out[i].setdefault(field, []).append(scores[k])
+        else:  # a list by position (a response no pair compares stays None)
+            at = out[i].setdefault(field, [])
+            at.extend([None] * (pos + 1 - len(at)))
+            at[pos] = scores[k]
     correct = sum(oriented_gap(scorer.objective, scores[c], scores[r]) > 0 for c, r in pairs)
     summary: dict[str, Any] = {
         "rows": len(rows),

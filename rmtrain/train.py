@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from rmtrain import engine, hf
 from rmtrain.batch import Layout
-from rmtrain.batching import build_plan
+from rmtrain.batching import build_plan, k_way_pairs
 from rmtrain.card import write_export
 from rmtrain.checkpoint import RunInfo, complete_checkpoints, plan_resume
 from rmtrain.config import (
@@ -128,14 +128,19 @@ def train(
         for warning in data.warnings:
             print(f"rmtrain: warning: {warning}", file=sys.stderr, flush=True)
 
-    plan = build_plan(t, data.train, env.world_size, env.rank)
+    train_pairs = k_way_pairs(data.train, cfg.loss.k_way)
+    if env.is_main and len(train_pairs) < len(data.train):
+        print(f"loss.k_way={cfg.loss.k_way}: training {len(train_pairs)} of {len(data.train)} "
+              "pairs (each row's best response against the rest)", flush=True)  # fmt: skip
+    plan = build_plan(t, train_pairs, env.world_size, env.rank, cfg.loss.k_way)
     steps = plan.total_steps(t.max_steps, t.epochs)
     eng = build_engine(cfg, env, tokenizer, steps)
     label = run_label(cfg.run_name)
     logger = build_logger(cfg.logger, is_main=env.is_main, output_dir=output_dir, run_name=label,
                           total_steps=steps, config=config,
                           resume_step=resume.marker.step if resume else None)  # fmt: skip
-    layout = Layout.for_model(eng.module.config, t.packing, cfg.model.padding_side)
+    layout = Layout.for_model(eng.module.config, t.packing, cfg.model.padding_side,
+                              t.prefix_sharing)  # fmt: skip
     loss = PairLoss(cfg.loss, cfg.objective, per_pair_margin=cfg.data.per_pair_margin)
     evaluator = Evaluator(
         eng, {MAIN_EVAL: data.eval, **data.eval_sets}, layout, loss, t.eval_batch_size, logger,
@@ -144,7 +149,7 @@ def train(
     run_info = {"config": config, "data": record.data, "held_out": record.held_out,
                 "fingerprint": data.fingerprint}  # fmt: skip
     info = RunInfo(output_dir, run_info, arch, (eng.module.config, tokenizer))
-    trainer = Trainer(t, eng, plan, data.train, layout, loss, evaluator, logger, info, stop)
+    trainer = Trainer(t, eng, plan, train_pairs, layout, loss, evaluator, logger, info, stop)
     if env.is_main:
         params = sum(getattr(p, "ds_numel", p.numel()) for p in eng.module.parameters())
         warn_disk_space(params, output_dir, t.keep_last)

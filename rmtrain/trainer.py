@@ -158,7 +158,7 @@ class Trainer:
         sums = StepMetrics()
         for mb in micro_batches:
             batch = collate(self.train, mb.indices, self.layout)
-            out = self.engine.forward(**batch.rows.model_inputs())
+            out = self.engine.forward(**batch.model_inputs())
             scores = pair_scores(batch, out, self.loss.needs_token_scores)
             weights = torch.tensor(mb.weights, dtype=torch.float32, device=scores.chosen.device)
             total, terms = self.loss(scores, batch.labels)
@@ -168,15 +168,17 @@ class Trainer:
             for name, term in terms.items():
                 sums.add(name, (term.detach() * weights).sum() / parts)
             if mb.weights[0] > 0:  # not a padding micro-batch
-                lengths = batch.rows.seq_len
+                lengths = batch.pair_lengths()  # both sides of every pair, as trained
                 sums.add("tokens", lengths.sum())
                 # sum n * keys per query (sliding-window layers: at most the window)
                 sums.add("attended", telemetry.attended_tokens(self.engine.module.config, lengths))
                 sums.add("fed_tokens", batch.rows.fed_tokens)
+                sums.add("computed_tokens", batch.rows.computed_tokens)
                 for k, v in self.loss.metric_sums(scores, batch.labels).items():
                     sums.add(k, v)
         term_keys = sorted(k for k in sums.sums if k.startswith("loss_"))
-        keys = ["loss", *term_keys, "tokens", "attended", "fed_tokens", *_PAIR_KEYS]
+        keys = ["loss", *term_keys, "tokens", "attended", "fed_tokens", "computed_tokens",
+                *_PAIR_KEYS]  # fmt: skip
         if self.loss.objective == "cost":
             keys += ["sign_correct", "sign_n"]
         r = sums.reduce(keys)
@@ -202,15 +204,20 @@ class Trainer:
         return metrics
 
     def _throughput(self, r: dict[str, float], elapsed: float) -> dict[str, float]:
-        """Real tokens/s, padded fraction, step time, FLOPs per real token, MFU, peak memory."""
-        tokens, fed = r["tokens"], r["fed_tokens"]
+        """Real tokens/s, padded fraction, step time, FLOPs per real token, MFU, peak memory.
+        Real tokens count both sides of every pair in full, also where prefix sharing computes a
+        prefix once (`train/shared_fraction`: the share of them not recomputed); so do the FLOPs
+        behind MFU, which is then the unshared model's."""
+        tokens, fed, computed = r["tokens"], r["fed_tokens"], r["computed_tokens"]
         per_token = telemetry.flops_per_token(self.engine.module, r["attended"] / tokens)
         out = {
             "train/tokens_per_s": tokens / elapsed,
-            "train/padded_fraction": 1.0 - tokens / fed,
+            "train/padded_fraction": 1.0 - computed / fed,
             "train/step_time_s": elapsed,
             "train/flops_per_token": per_token,
         }
+        if self.layout.share_prefixes:
+            out["train/shared_fraction"] = 1.0 - computed / tokens
         env = self.engine.env
         peak = telemetry.device_peak_tflops(env.device, self.cfg.peak_tflops)
         if peak is not None:

@@ -138,6 +138,49 @@ VARIANTS |= {
     ),
 }
 
+# Prefix sharing (issue 20): each pair one packed segment, its prompt computed once. The same
+# batches again, so the same training (every pair shares its safe_rlhf prompt, >= 16 tokens).
+SHARED = [*PACKED, "trainer.prefix_sharing=true"]
+VARIANTS |= {
+    "s_z0": ([*SHARED, "deepspeed=zero0", "trainer.micro_batch_size=8"], 1),
+    "s_z3_m2_a4": (
+        [
+            *SHARED,
+            "deepspeed=zero3",
+            *Z3,
+            "trainer.micro_batch_size=2",
+            "trainer.gradient_accumulation_steps=4",
+        ],
+        1,
+    ),
+    "s_w2_z2_m2_a2": (
+        [
+            *SHARED,
+            "deepspeed=zero2",
+            "trainer.micro_batch_size=2",
+            "trainer.gradient_accumulation_steps=2",
+        ],
+        2,
+    ),
+    "tb_s_z1_a4": ([*TB, *SHARED, "deepspeed=zero1", "trainer.gradient_accumulation_steps=4"], 1),
+}
+# LoRA (peft adapters, merged into the export): prefix sharing trains them as padding does.
+LORA = ["model.lora.enabled=true", "model.lora.r=8", "model.lora.alpha=16"]
+LORA_VARIANTS: dict[str, tuple[list[str], int]] = {
+    "lora_z2": ([*LORA, "deepspeed=zero2", "trainer.micro_batch_size=8"], 1),
+    "lora_s_z2_m4_a2": (
+        [
+            *LORA,
+            *SHARED,
+            "deepspeed=zero2",
+            "trainer.micro_batch_size=4",
+            "trainer.gradient_accumulation_steps=2",
+        ],
+        1,
+    ),
+}
+ALL_VARIANTS = {**VARIANTS, **LORA_VARIANTS}
+
 # Tolerances (fp32). Every configuration computes the same sums, only grouped differently
 # (per-micro-batch vs whole-batch padding, the order of gradient reductions over micro-batches and
 # ranks, DeepSpeed's divide-vs-torch's multiply in clipping): a few ulps per step. Measured (max
@@ -210,15 +253,15 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Any:
 
     def get(name: str) -> Run:
         if name not in cache:
-            overrides, nproc = VARIANTS[name]
+            overrides, nproc = ALL_VARIANTS[name]
             start = time.perf_counter()
             if nproc == 1:
                 check_ok(run_train([*COMMON, *overrides, f"output_dir={root / name}"]))
                 cache[name] = finish(name, time.perf_counter() - start)
             else:
-                batch = [n for n, (_, procs) in VARIANTS.items() if procs == nproc]
+                batch = [n for n, (_, procs) in ALL_VARIANTS.items() if procs == nproc]
                 check_ok(run_train_many(
-                    [[*COMMON, *VARIANTS[n][0], f"output_dir={root / n}"] for n in batch], nproc
+                    [[*COMMON, *ALL_VARIANTS[n][0], f"output_dir={root / n}"] for n in batch], nproc
                 ))  # fmt: skip
                 seconds = (time.perf_counter() - start) / len(batch)
                 cache.update({n: finish(n, seconds) for n in batch})
@@ -407,3 +450,31 @@ def test_packed_run_logs_throughput(runs: Any) -> None:
     )
     assert all(0 <= x < 1 for x in pf_packed + pf_padded)
     assert sum(pf_packed) < sum(pf_padded)
+
+
+@pytest.mark.slow
+def test_prefix_sharing_computes_each_prompt_once(runs: Any) -> None:
+    """The shared run really shares (every pair's safe_rlhf prompt is one prefix): a part of the
+    trained tokens is not recomputed, the same tokens count as trained as in the padded run,
+    and the one-row segments layout feeds no padding at all."""
+    shared, padded = runs("s_z0"), runs(BASELINE)
+    fractions = shared.train("train/shared_fraction")
+    assert all(0.1 < x < 0.5 for x in fractions), fractions
+    assert "train/shared_fraction" not in padded.metrics[1]
+    assert shared.train("train/padded_fraction") == [0.0] * STEPS
+
+    def trained(run: Run) -> list[float]:
+        speed, seconds = run.train("train/tokens_per_s"), run.train("train/step_time_s")
+        return [round(a * b) for a, b in zip(speed, seconds, strict=True)]
+
+    assert trained(shared) == trained(padded)
+
+
+@pytest.mark.slow
+def test_lora_with_prefix_sharing_matches_lora_padded(runs: Any) -> None:
+    base, run = runs("lora_z2"), runs("lora_s_z2_m4_a2")
+    assert all(x > 0.1 for x in run.train("train/shared_fraction"))
+    for key in ("train/loss", "train/grad_norm"):
+        assert_close_steps(run.train(key), base.train(key), f"LoRA shared: {key}", LOSS_RTOL,
+                           LOSS_ATOL)  # fmt: skip
+    assert_weights_close(run.weights, base.weights, "LoRA shared vs LoRA padded")

@@ -108,8 +108,22 @@ def to_rmbench(r: Row) -> Row:
     return {"id": 1, "subset": "toy", "prompt": p, "chosen": _variants(c), "rejected": _variants(j)}
 
 
+def to_ultrafeedback_completions(r: Row) -> Row:
+    p, c, j = _sides(r)
+    completions = [{"response": j, "fine-grained_score": 2.25},
+                   {"response": c, "fine-grained_score": 4.5}]  # fmt: skip
+    return {"instruction": p, "completions": completions}
+
+
+def to_ranked(r: Row) -> Row:
+    p, c, j = _sides(r)
+    return {"prompt": p, "responses": [j, c], "ranking": [1, 0]}
+
+
 CONVERT: dict[str, Callable[[Row], Row]] = {
     "pku_saferlhf": dict,
+    "ultrafeedback_completions": to_ultrafeedback_completions,
+    "ranked": to_ranked,
     "ultrafeedback": to_ultrafeedback,
     "conversational": to_conversational,
     "conversational_implicit": to_conversational_implicit,
@@ -234,6 +248,8 @@ def test_score_and_eval_read_every_training_format_as_training_does(tmp_path: Pa
         per_row = [
             [r["chosen_scores"][0], r["rejected_scores"][0]]
             if fmt in ("rmbench", "rewardbench2")
+            else [r["scores"][1], r["scores"][0]]  # K responses: a score each, [worse, better]
+            if fmt in ("ranked", "ultrafeedback_completions")
             else [r["chosen_score"], r["rejected_score"]]
             for r in scored
         ]
@@ -406,6 +422,13 @@ def _eval_texts(fmt: str, row: Row) -> list[tuple[list[dict[str, str]], list[dic
             return _conv(h, a)
 
         return [(turns(row["chosen"]), turns(row["rejected"]))]
+    if fmt == "ranked":  # the converter's rows: response 1 ranked above response 0
+        p, (worse, better) = row["prompt"], row["responses"]
+        return [(_conv(p, better), _conv(p, worse))]
+    if fmt == "ultrafeedback_completions":
+        best, worst = sorted(row["completions"], key=lambda c: -c["fine-grained_score"])
+        return [(_conv(row["instruction"], best["response"]),
+                 _conv(row["instruction"], worst["response"]))]  # fmt: skip
     assert fmt in ("rmbench", "rewardbench2")  # every (chosen, rejected) combination
     p = row["prompt"]
     return [(_conv(p, c), _conv(p, j)) for c in row["chosen"] for j in row["rejected"]]

@@ -63,14 +63,15 @@ from rmtrain.data.table import LABEL_DTYPES, LABELS, PairTable, TextColumn, pair
 from rmtrain.errors import ConfigError, DataError
 from rmtrain.text import adds_bos
 
-PAIR_FORMAT = 1  # bump when what a stored pair holds, or how its ids are made, changes
+PAIR_FORMAT = 2  # bump when what a stored pair holds, or how its ids are made, changes
 ENV = "RMTRAIN_DATA_CACHE"
 
-# The store's arrays. Per token: tokens. Per sequence (2 per pair, chosen then rejected):
-# offsets into tokens. Per pair: the labels, the content hash, whether both sides are identical
-# (dropped when read for training, kept as ties by `rmtrain eval`), whether a side was cut, the
-# pair's row and its meta (JSON, offsets into the meta bytes). Per row: its line, its piece and
-# why it gave no pair (0: it did; 1: inconsistent labels skipped; 2: below min_severity_gap).
+# The store's arrays. Per token: tokens. Per sequence (2 per pair, chosen then rejected; a row
+# with K responses stores each distinct one once): offsets into tokens. Per pair: the labels, the
+# content hash, whether both sides are identical (dropped when read for training, kept as ties by
+# `rmtrain eval`), whether a side was cut, the pair's row, its two sequences and its meta (JSON,
+# offsets into the meta bytes). Per row: its line, its piece and why it gave no pair (0: it did;
+# 1: inconsistent labels skipped; 2: below min_severity_gap).
 DTYPES: dict[str, str] = {
     "tokens": "<i4",
     "offsets": "<i8",
@@ -79,6 +80,7 @@ DTYPES: dict[str, str] = {
     "identical": "|b1",
     "truncated": "|b1",
     "pair_row": "<i8",
+    "pair_seqs": "<i8",
     "meta": "|u1",
     "meta_offsets": "<i8",
     "row_line": "<i8",
@@ -86,7 +88,7 @@ DTYPES: dict[str, str] = {
     "row_skip": "|u1",
 }
 _OFFSETS = {"offsets": "seq_lengths", "meta_offsets": "meta_lengths"}
-_REBASE = {"pair_row": "row_line"}
+_REBASE = {"pair_row": "row_line", "pair_seqs": "seq_lengths"}
 # What the content digest covers: the pairs' tokens (through their hashes), labels and rows; not
 # their provenance (paths, lines) nor the evaluation labels in their meta.
 _DIGEST = ("hashes", *LABELS, "identical", "truncated", "pair_row", "row_skip")
@@ -388,22 +390,20 @@ def encode_batch(
     lost[pair_row] = False
     if lost.any():
         row_skip[lost] = _skip_codes(cols, read, job.objective, np.flatnonzero(lost), skipped)
-    seq_lengths = np.empty(2 * n, np.int32)
-    seq_lengths[0::2] = [len(c) for c in chosen]
-    seq_lengths[1::2] = [len(r) for r in rejected]
-    offsets = np.zeros(2 * n + 1, np.int64)
-    np.cumsum(seq_lengths, out=offsets[1:])
-    flat = chain.from_iterable(chain.from_iterable(zip(chosen, rejected, strict=True)))
-    tokens = np.fromiter(flat, np.int32, int(offsets[-1]))
-    o = offsets
+    seqs, pair_seqs = _distinct_sequences(chosen, rejected, pair_row)
+    seq_lengths = np.fromiter(map(len, seqs), np.int32, len(seqs))
+    tokens = np.fromiter(chain.from_iterable(seqs), np.int32, int(seq_lengths.sum()))
+    o = np.zeros(len(seqs) + 1, np.int64)
+    np.cumsum(seq_lengths, out=o[1:])
     hashes = np.fromiter(
-        (pair_hash(tokens[o[2 * p] : o[2 * p + 1]], tokens[o[2 * p + 1] : o[2 * p + 2]])
-         for p in range(n)), np.uint64, n,
+        (pair_hash(tokens[o[c] : o[c + 1]], tokens[o[r] : o[r + 1]])
+         for c, r in pair_seqs.tolist()), np.uint64, n,
     )  # fmt: skip
     metas = [pair_meta(raw, i).encode() for i in range(n)]
     arrays = {
         "tokens": tokens,
         "seq_lengths": seq_lengths,
+        "pair_seqs": pair_seqs.reshape(-1),
         **{k: np.asarray(getattr(raw, k), dtype=LABEL_DTYPES[k]).reshape(n) for k in LABELS},
         "hashes": hashes,
         "identical": np.fromiter((c == r for c, r in zip(chosen, rejected, strict=True)), bool, n),
@@ -416,6 +416,29 @@ def encode_batch(
         "row_skip": row_skip,
     }
     return arrays
+
+
+def _distinct_sequences(
+    chosen: list[list[int]], rejected: list[list[int]], pair_row: np.ndarray
+) -> tuple[list[list[int]], np.ndarray]:
+    """The batch's sequences to store and `[pairs, 2]` their numbers per (chosen, rejected):
+    a row that gives several pairs (K responses to one prompt) stores each distinct response
+    once, as :meth:`rmtrain.data.table.PairTable.from_lists` does; other pairs store both."""
+    shared = np.bincount(pair_row)[pair_row] > 1 if len(pair_row) else np.zeros(0, bool)
+    seqs: list[list[int]] = []
+    number: dict[tuple[int, tuple[int, ...]], int] = {}
+    pair_seqs = np.empty((len(chosen), 2), np.int64)
+    for p, sides in enumerate(zip(chosen, rejected, strict=True)):
+        for side, ids in enumerate(sides):
+            if shared[p]:
+                key = (int(pair_row[p]), tuple(ids))
+                if key in number:
+                    pair_seqs[p, side] = number[key]
+                    continue
+                number[key] = len(seqs)
+            pair_seqs[p, side] = len(seqs)
+            seqs.append(ids)
+    return seqs, pair_seqs
 
 
 def _skip_codes(
@@ -624,9 +647,15 @@ class Prepared:
     def table(self) -> PairTable:
         """Every stored pair, identical ones included (select from it: no copy)."""
         a = self.store.arrays
+        n = len(a["hashes"])
+        pair_seqs = groups = None
+        if len(a["offsets"]) - 1 != 2 * n:  # rows with K responses: sequences stored once
+            pair_seqs = a["pair_seqs"].reshape(n, 2)
+            groups = a["pair_row"]
         return PairTable(
             a["tokens"], a["offsets"], {k: a[k] for k in LABELS}, a["hashes"],
-            TextColumn(a["meta"], a["meta_offsets"]), np.arange(len(a["hashes"]), dtype=np.int64),
+            TextColumn(a["meta"], a["meta_offsets"]), np.arange(n, dtype=np.int64),
+            pair_seqs, groups,
         )  # fmt: skip
 
     def rows(self, read: int) -> int:

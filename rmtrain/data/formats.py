@@ -443,9 +443,154 @@ class RewardBench2(_PairFormat):
                 "num_correct": len(cols["chosen"][i])}  # fmt: skip
 
 
+def check_responses(v: Any) -> str | None:
+    """K >= 2 response texts of one prompt."""
+    if not isinstance(v, list) or len(v) < 2:
+        return f"expected a list of at least 2 response texts, got {type_name(v)} {v!r:.40}"
+    for i, item in enumerate(v):
+        if problem := check_text(item):
+            return f"item {i}: {problem}"
+    return None
+
+
+def check_ranking(v: Any) -> str | None:
+    """Response indices, best first: a permutation of 0..K-1 (checked against K per row)."""
+    if not isinstance(v, list) or len(v) < 2:
+        return f"expected a list of response indices (best first), got {type_name(v)} {v!r:.40}"
+    if any(isinstance(i, bool) or not isinstance(i, int) for i in v):
+        return f"expected integer response indices, got {v!r:.40}"
+    if sorted(v) != list(range(len(v))):
+        return f"expected each response index 0..{len(v) - 1} exactly once, got {v!r:.40}"
+    return None
+
+
+def completion_rating(c: dict[str, Any]) -> Any:
+    """An UltraFeedback completion's rating: its `fine-grained_score` (the mean of the four
+    aspect ratings, which Argilla's cleaned binarisation uses because `overall_score`, the
+    critique model's, is unreliable), else its `overall_score`."""
+    return c.get("fine-grained_score", c.get("overall_score"))
+
+
+def check_completions(v: Any) -> str | None:
+    """UltraFeedback's completions: dicts with a `response` text and a numeric rating."""
+    if not isinstance(v, list) or len(v) < 2:
+        return f"expected a list of at least 2 completions, got {type_name(v)} {v!r:.40}"
+    for i, c in enumerate(v):
+        if not isinstance(c, dict):
+            return f"item {i}: expected a dict with 'response', got {type_name(c)}"
+        if problem := check_text(c.get("response")):
+            return f"item {i}: 'response': {problem}"
+        rating = completion_rating(c)
+        if rating is None:
+            return f"item {i}: no 'fine-grained_score' or 'overall_score'"
+        if problem := check_number(rating):
+            return f"item {i}: rating: {problem}"
+    return None
+
+
+class _KResponses(_PairFormat):
+    """One prompt, K >= 2 ranked or rated responses: every ordered pair (better, worse) is a pair,
+    and the row's pairs form a group (`loss.k_way` trains them together, the prompt computed
+    once). Equal ratings give no pair."""
+
+    def ranked(self, cols: dict[str, list[Any]], i: int) -> list[tuple[str, float]]:
+        """The row's (response, rating) list, a higher rating better."""
+        raise NotImplementedError
+
+    def prompt(self, cols: dict[str, list[Any]], i: int) -> Any:
+        return cols["prompt"][i]
+
+    def order(self, cols: dict[str, list[Any]], i: int) -> list[tuple[int, int]]:
+        rated = self.ranked(cols, i)
+        return [(a, b) for a in range(len(rated)) for b in range(len(rated))
+                if rated[a][1] > rated[b][1]]  # fmt: skip
+
+    def conversations(
+        self, cols: dict[str, list[Any]], i: int
+    ) -> list[tuple[Conversation, Conversation]]:
+        p, rated = self.prompt(cols, i), self.ranked(cols, i)
+        pairs = self.order(cols, i)
+        return [(exchange(p, rated[a][0]), exchange(p, rated[b][0])) for a, b in pairs]
+
+    def pair_meta(self, cols: dict[str, list[Any]], i: int, k: int) -> dict[str, Any]:
+        """Also which two of the row's responses the pair compares (better, worse)."""
+        return {**super().pair_meta(cols, i, k), "responses": list(self.order(cols, i)[k])}
+
+    def row_margin(self, cols: dict[str, list[Any]], i: int, cfg: DataConfig) -> float | None:
+        return None  # per pair, see to_pairs
+
+
+class Ranked(_KResponses):
+    """An explicit ranking: `prompt`, `responses` (K >= 2 texts) and `ranking` (their indices,
+    best first)."""
+
+    name = "ranked"
+    required: ClassVar[tuple[str, ...]] = ("prompt", "responses", "ranking")
+    checks: ClassVar[dict[str, Check]] = {
+        "prompt": check_text,
+        "responses": check_responses,
+        "ranking": check_ranking,
+    }
+    example: ClassVar[dict[str, Any]] = {
+        "prompt": "How do I bake bread?",
+        "responses": ["Buy some.", "Mix flour, water, yeast and salt, then ...", "Bake it."],
+        "ranking": [1, 2, 0],
+    }
+
+    def ranked(self, cols: dict[str, list[Any]], i: int) -> list[tuple[str, float]]:
+        responses, ranking = cols["responses"][i], cols["ranking"][i]
+        if len(ranking) != len(responses):
+            raise DataError(where(cols["_source"][i], cols["_row"][i], "ranking",
+                                  f"ranks {len(ranking)} responses, the row has "
+                                  f"{len(responses)}"))  # fmt: skip
+        rank = {r: place for place, r in enumerate(ranking)}
+        return [(text, -float(rank[j])) for j, text in enumerate(responses)]
+
+
+class UltraFeedbackCompletions(_KResponses):
+    """UltraFeedback with all its completions (openbmb/UltraFeedback): `instruction` and
+    `completions` (each a `response` rated by `fine-grained_score`, else `overall_score`).
+    `data.margin_from_scores=true loss=margin` trains with the rating difference as margin."""
+
+    name = "ultrafeedback_completions"
+    required: ClassVar[tuple[str, ...]] = ("instruction", "completions")
+    checks: ClassVar[dict[str, Check]] = {
+        "instruction": check_text,
+        "completions": check_completions,
+    }
+    example: ClassVar[dict[str, Any]] = {
+        "instruction": "How do I bake bread?",
+        "completions": [
+            {"response": "Mix flour, water, yeast and salt, then ...", "fine-grained_score": 4.5},
+            {"response": "Buy some.", "fine-grained_score": 1.75},
+            {"response": "Bake it.", "fine-grained_score": 2.0},
+        ],
+    }
+
+    def prompt(self, cols: dict[str, list[Any]], i: int) -> Any:
+        return cols["instruction"][i]
+
+    def ranked(self, cols: dict[str, list[Any]], i: int) -> list[tuple[str, float]]:
+        return [(c["response"], float(completion_rating(c))) for c in cols["completions"][i]]
+
+    def to_pairs(
+        self, cols: dict[str, list[Any]], cfg: DataConfig, objective: str
+    ) -> tuple[RawPairs, Skipped]:
+        out, skipped = super().to_pairs(cols, cfg, objective)
+        if cfg.margin_from_scores and not cfg.margin_column:
+            margins = []
+            for i in range(len(cols["_source"])):
+                rated = self.ranked(cols, i)
+                margins += [rated[a][1] - rated[b][1] for a, b in self.order(cols, i)]
+            out.margin = margins
+        return out, skipped
+
+
 # Most specific first: among formats a row fully matches, the first one wins.
 ADAPTERS: tuple[Schema, ...] = (
     PkuSafeRLHF(),
+    UltraFeedbackCompletions(),
+    Ranked(),
     UltraFeedback(),
     Conversational(),
     ConversationalImplicit(),

@@ -144,11 +144,16 @@ def tokenize_pairs(
     keep = [i for i in range(len(raw)) if not (drop_identical and same[i])]
     stats = DataStats(pairs=len(keep), identical_dropped=len(raw) - len(keep))
     stats.truncated = sum(cut_c[i] or cut_r[i] for i in keep)
+    # The pairs of one row (K responses to one prompt) form a group: stored once, trained
+    # together with loss.k_way.
+    rows: dict[tuple[str, int], int] = {}
+    groups = [rows.setdefault((raw.source[i], raw.row[i]), len(rows)) for i in keep]
     table = PairTable.from_lists(
         [chosen[i] for i in keep],
         [rejected[i] for i in keep],
         {k: [getattr(raw, k)[i] for i in keep] for k in LABELS},
         [pair_meta(raw, i) for i in keep],
+        groups,
     )
     stats.duplicates = table.duplicates()
     return table, stats, sum(cut_c[i] + cut_r[i] for i in keep)

@@ -7,6 +7,14 @@ per pair (duplicate and train/eval overlap counts), and each pair's evaluation l
 (`meta`). A table shows the pairs its `index` names, so selecting, repeating (mixture weights)
 and shuffling pairs never copies tokens.
 
+Rows with K >= 2 responses to one prompt (UltraFeedback's completions, RewardBench 2's chosen
+and rejected lists, RM-Bench's style variants, an explicit ranking) give several pairs that
+share sequences. Such a table also has `pair_seqs` (the stored sequence numbers of each pair's
+chosen and rejected side, so each of the K responses is stored once) and `groups` (one id per
+row: the pairs of one row share a prompt, and `loss.k_way` trains them together). Tables
+without such rows leave both None: sequence 2p / 2p + 1 and a group per pair. Every field is a
+named numpy array (or a list of strings), so a cache can store the arrays as they are.
+
 A micro-batch is a few array slices (:meth:`PairTable.sequences`), turned into tensors once, by
 :func:`rmtrain.batch.collate`.
 """
@@ -72,6 +80,8 @@ class PairTable:
     hashes: np.ndarray  # uint64 [stored pairs]
     meta: Sequence[str]  # JSON per stored pair: source file and row, evaluation labels
     index: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # shown pairs
+    pair_seqs: np.ndarray | None = None  # int64 [stored pairs, 2]: (chosen, rejected) sequence
+    groups: np.ndarray | None = None  # int64 [stored pairs]: the row (prompt) each pair is from
 
     # -- building -------------------------------------------------------------------------------
     @classmethod
@@ -81,9 +91,36 @@ class PairTable:
         rejected: Sequence[Sequence[int]],
         labels: Mapping[str, Sequence[Any]],
         meta: Sequence[str],
+        groups: Sequence[int] | None = None,
     ) -> PairTable:
-        """A table of tokenized pairs given as Python lists (one entry per pair)."""
+        """A table of tokenized pairs given as Python lists (one entry per pair). `groups`: the
+        row each pair came from; where a row gave several pairs, identical sequences of that row
+        are stored once and the table records the groups (else both are left None)."""
         n = len(chosen)
+        cols: dict[str, np.ndarray] = {
+            k: np.asarray(labels[k], dtype=LABEL_DTYPES[k]).reshape(n) for k in LABELS
+        }
+        hashes = np.array(
+            [pair_hash(c, r) for c, r in zip(chosen, rejected, strict=True)], dtype=np.uint64
+        )
+        group_ids = None if groups is None else np.asarray(groups, dtype=np.int64).reshape(n)
+        if group_ids is not None and len(np.unique(group_ids)) < n:
+            seqs: list[np.ndarray] = []
+            number: dict[tuple[int, bytes], int] = {}
+            pair_seqs = np.empty((n, 2), dtype=np.int64)
+            for p in range(n):
+                for side, ids in enumerate((chosen[p], rejected[p])):
+                    arr = np.asarray(ids, dtype=np.int32)
+                    key = (int(group_ids[p]), arr.tobytes())
+                    if key not in number:
+                        number[key] = len(seqs)
+                        seqs.append(arr)
+                    pair_seqs[p, side] = number[key]
+            offsets = np.zeros(len(seqs) + 1, dtype=np.int64)
+            np.cumsum([len(x) for x in seqs], out=offsets[1:])
+            tokens = np.concatenate(seqs) if seqs else np.zeros(0, np.int32)
+            return cls(tokens, offsets, cols, hashes, list(meta), np.arange(n, dtype=np.int64),
+                       pair_seqs, group_ids)  # fmt: skip
         lengths = np.empty(2 * n, dtype=np.int64)
         lengths[0::2] = [len(c) for c in chosen]
         lengths[1::2] = [len(r) for r in rejected]
@@ -93,12 +130,6 @@ class PairTable:
         for p in range(n):
             tokens[offsets[2 * p] : offsets[2 * p + 1]] = chosen[p]
             tokens[offsets[2 * p + 1] : offsets[2 * p + 2]] = rejected[p]
-        hashes = np.array(
-            [pair_hash(c, r) for c, r in zip(chosen, rejected, strict=True)], dtype=np.uint64
-        )
-        cols: dict[str, np.ndarray] = {
-            k: np.asarray(labels[k], dtype=LABEL_DTYPES[k]).reshape(n) for k in LABELS
-        }
         return cls(tokens, offsets, cols, hashes, list(meta), np.arange(n, dtype=np.int64))
 
     @classmethod
@@ -121,6 +152,17 @@ class PairTable:
             [np.zeros(1, np.int64)] + [t.offsets[1:] + b for t, b in zip(parts, bases, strict=True)]
         )
         n = sum(len(t) for t in parts)
+        pair_seqs = groups = None
+        if any(t.pair_seqs is not None for t in parts):
+            seq_bases = np.cumsum([0, *(len(t.offsets) - 1 for t in parts[:-1])])
+            ends = [int(t.stored_groups().max(initial=-1)) + 1 for t in parts[:-1]]
+            group_bases = np.cumsum([0, *ends])
+            pair_seqs = np.concatenate(
+                [t.stored_pair_seqs() + b for t, b in zip(parts, seq_bases, strict=True)]
+            )
+            groups = np.concatenate(
+                [t.stored_groups() + b for t, b in zip(parts, group_bases, strict=True)]
+            )
         return cls(
             np.concatenate([t.tokens for t in parts]),
             offsets,
@@ -128,6 +170,8 @@ class PairTable:
             np.concatenate([t.hashes for t in parts]),
             [m for t in parts for m in t.meta],
             np.arange(n, dtype=np.int64),
+            pair_seqs,
+            groups,
         )
 
     def compact(self) -> PairTable:
@@ -136,17 +180,31 @@ class PairTable:
             self.index, np.arange(len(self.hashes))
         ):
             return self
-        starts, lengths = self._spans(self.index)
+        groups = None
+        if self.pair_seqs is None:
+            seq_ids = np.stack([2 * self.index, 2 * self.index + 1], axis=1).reshape(-1)
+            pair_seqs = None
+        else:
+            used = self.pair_seqs[self.index]
+            seq_ids, first = np.unique(used.reshape(-1), return_index=True)
+            seq_ids = seq_ids[np.argsort(first)]  # in order of first use
+            renumber = np.empty(int(seq_ids.max()) + 1 if len(seq_ids) else 0, dtype=np.int64)
+            renumber[seq_ids] = np.arange(len(seq_ids))
+            pair_seqs = renumber[used]
+            groups = self.stored_groups()[self.index]
+        starts = self.offsets[seq_ids]
+        lengths = self.offsets[seq_ids + 1] - starts
         offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
         np.cumsum(lengths, out=offsets[1:])
-        flat = _gather_spans(self.tokens, starts, lengths)
         return PairTable(
-            flat,
+            _gather_spans(self.tokens, starts, lengths),
             offsets,
             {k: v[self.index] for k, v in self.labels.items()},
             self.hashes[self.index],
             [self.meta[i] for i in self.index],
             np.arange(len(self.index), dtype=np.int64),
+            pair_seqs,
+            groups,
         )
 
     def select(self, indices: Sequence[int] | np.ndarray) -> PairTable:
@@ -157,22 +215,64 @@ class PairTable:
     def __len__(self) -> int:
         return len(self.index)
 
+    def stored_pair_seqs(self) -> np.ndarray:
+        """`[stored pairs, 2]`: the stored sequence numbers of every pair's two sides."""
+        if self.pair_seqs is not None:
+            return self.pair_seqs
+        n = len(self.hashes)
+        return np.arange(2 * n, dtype=np.int64).reshape(n, 2)
+
+    def stored_groups(self) -> np.ndarray:
+        """`[stored pairs]`: each stored pair's group (a group per pair where none is recorded)."""
+        return self.groups if self.groups is not None else np.arange(len(self.hashes))
+
+    def sequence_ids(self, indices: Sequence[int] | np.ndarray) -> np.ndarray:
+        """`[B, 2]`: the stored sequence numbers of (chosen, rejected) of pairs `indices`."""
+        stored = self.index[np.asarray(indices, dtype=np.int64)]
+        if self.pair_seqs is None:
+            return np.stack([2 * stored, 2 * stored + 1], axis=1)
+        return self.pair_seqs[stored]
+
+    def group_ids(self, indices: Sequence[int] | np.ndarray | None = None) -> np.ndarray:
+        """The group (prompt row) of each of pairs `indices` (all shown pairs: None)."""
+        stored = self.index if indices is None else self.index[np.asarray(indices, np.int64)]
+        return self.stored_groups()[stored]
+
+    def group_members(self) -> list[list[int]]:
+        """The shown pairs of every group (prompt row), groups in order of first appearance."""
+        members: dict[int, list[int]] = {}
+        for i, g in enumerate(self.group_ids().tolist()):
+            members.setdefault(g, []).append(i)
+        return list(members.values())
+
+    def group_lengths(self, members: Sequence[Sequence[int]]) -> np.ndarray:
+        """Tokens of each group's distinct sequences (each of a row's responses once)."""
+        out = np.empty(len(members), dtype=np.int64)
+        for k, pairs in enumerate(members):
+            seqs = np.unique(self.sequence_ids(pairs).reshape(-1))
+            out[k] = int((self.offsets[seqs + 1] - self.offsets[seqs]).sum())
+        return out
+
+    def stored_sequence(self, s: int) -> np.ndarray:
+        """The token ids of stored sequence `s`."""
+        return self.tokens[self.offsets[s] : self.offsets[s + 1]]
+
     def _spans(self, stored: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(start, length) of both sequences of the stored pairs, chosen then rejected per pair."""
-        seq = np.stack([2 * stored, 2 * stored + 1], axis=1).reshape(-1)
+        if self.pair_seqs is None:
+            seq = np.stack([2 * stored, 2 * stored + 1], axis=1).reshape(-1)
+        else:
+            seq = self.pair_seqs[stored].reshape(-1)
         return self.offsets[seq], self.offsets[seq + 1] - self.offsets[seq]
 
     def seq(self, side: str, i: int) -> np.ndarray:
         """The token ids of side "chosen" / "rejected" of pair i."""
-        s = 2 * int(self.index[i]) + SIDES.index(side)
-        return self.tokens[self.offsets[s] : self.offsets[s + 1]]
+        return self.stored_sequence(int(self.sequence_ids([i])[0, SIDES.index(side)]))
 
     def sequences(self, indices: Sequence[int]) -> list[np.ndarray]:
         """The 2B sequences of pairs `indices`: every chosen side, then every rejected side."""
-        stored = self.index[np.asarray(indices, dtype=np.int64)]
-        out = [self.tokens[self.offsets[2 * p] : self.offsets[2 * p + 1]] for p in stored]
-        out += [self.tokens[self.offsets[2 * p + 1] : self.offsets[2 * p + 2]] for p in stored]
-        return out
+        ids = self.sequence_ids(indices)
+        return [self.stored_sequence(s) for s in (*ids[:, 0].tolist(), *ids[:, 1].tolist())]
 
     def label(self, name: str, indices: Sequence[int] | np.ndarray | None = None) -> np.ndarray:
         stored = self.index if indices is None else self.index[np.asarray(indices, np.int64)]
