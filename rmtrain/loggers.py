@@ -9,11 +9,13 @@ the sinks that show more than scalars (wandb: score histograms and a worst-pairs
 
 from __future__ import annotations
 
+import contextlib
 import json
 import netrc
 import os
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +36,7 @@ class Sink:
     def log_final(self, images: dict[str, Path], summary: dict[str, float]) -> None:
         """The finished run's plots (by caption) and its final eval scalars."""
 
-    def close(self) -> None:
+    def close(self, exit_code: int = 0) -> None:
         pass
 
 
@@ -73,7 +75,7 @@ class ConsoleSink(Sink):
             shown = ", ".join(f"{k[5:]}={v:.4g}" for k, v in evals.items() if isinstance(v, float))
             self.bar.write(f"step {step} eval: {shown}")
 
-    def close(self) -> None:
+    def close(self, exit_code: int = 0) -> None:
         self.bar.close()
 
 
@@ -93,7 +95,7 @@ class JsonlSink(Sink):
         self.file.write(json.dumps({"step": step, **metrics}) + "\n")
         self.file.flush()
 
-    def close(self) -> None:
+    def close(self, exit_code: int = 0) -> None:
         self.file.close()
 
 
@@ -164,8 +166,8 @@ class WandbSink(Sink):
         self.run.log({f"plots/{k}": wandb.Image(str(p), caption=k) for k, p in images.items()})
         self.run.summary.update(summary)
 
-    def close(self) -> None:
-        self.run.finish()
+    def close(self, exit_code: int = 0) -> None:
+        self.run.finish(exit_code=exit_code)  # non-zero: the run shows as failed
 
 
 class MetricLogger:
@@ -184,9 +186,21 @@ class MetricLogger:
         for sink in self.sinks:
             sink.log_final(images, summary)
 
-    def close(self) -> None:
+    def close(self, exit_code: int = 0) -> None:
+        """Close every sink once (later calls do nothing)."""
         for sink in self.sinks:
-            sink.close()
+            sink.close(exit_code)
+        self.sinks = []
+
+    @contextlib.contextmanager
+    def closed_on_error(self, exit_codes: dict[type[BaseException], int]) -> Iterator[None]:
+        """Close the sinks if the block raises (files released, a wandb run marked failed,
+        with `exit_codes[type]` or 1), then re-raise."""
+        try:
+            yield
+        except BaseException as exc:
+            self.close(next((c for t, c in exit_codes.items() if isinstance(exc, t)), 1))
+            raise
 
 
 def build_logger(

@@ -139,33 +139,34 @@ def train(
     logger = build_logger(cfg.logger, is_main=env.is_main, output_dir=output_dir, run_name=label,
                           total_steps=steps, config=config,
                           resume_step=resume.marker.step if resume else None)  # fmt: skip
-    layout = Layout.for_model(eng.module.config, t.packing, cfg.model.padding_side,
-                              t.prefix_sharing)  # fmt: skip
-    loss = PairLoss(cfg.loss, cfg.objective, per_pair_margin=cfg.data.per_pair_margin)
-    evaluator = Evaluator(
-        eng, {MAIN_EVAL: data.eval, **data.eval_sets}, layout, loss, t.eval_batch_size, logger,
-        decode=lambda ids: str(tokenizer.decode(ids, skip_special_tokens=False)),
-    )  # fmt: skip
-    run_info = {"config": config, "data": record.data, "held_out": record.held_out,
-                "fingerprint": data.fingerprint}  # fmt: skip
-    info = RunInfo(output_dir, run_info, arch, (eng.module.config, tokenizer))
-    trainer = Trainer(t, eng, plan, train_pairs, layout, loss, evaluator, logger, info, stop)
-    if env.is_main:
-        params = sum(getattr(p, "ds_numel", p.numel()) for p in eng.module.parameters())
-        warn_disk_space(params, output_dir, t.keep_last)
-    if resume is not None:
-        trainer.resume(resume)
-    elif env.is_main:
-        save_config(config, output_dir / "config.yaml")
-        logger.log(record.data_metrics(), 0)
+    with logger.closed_on_error({Stopped: PREEMPTED_EXIT}):
+        layout = Layout.for_model(eng.module.config, t.packing, cfg.model.padding_side,
+                                  t.prefix_sharing)  # fmt: skip
+        loss = PairLoss(cfg.loss, cfg.objective, per_pair_margin=cfg.data.per_pair_margin)
+        evaluator = Evaluator(
+            eng, {MAIN_EVAL: data.eval, **data.eval_sets}, layout, loss, t.eval_batch_size, logger,
+            decode=lambda ids: str(tokenizer.decode(ids, skip_special_tokens=False)),
+        )  # fmt: skip
+        run_info = {"config": config, "data": record.data, "held_out": record.held_out,
+                    "fingerprint": data.fingerprint}  # fmt: skip
+        info = RunInfo(output_dir, run_info, arch, (eng.module.config, tokenizer))
+        trainer = Trainer(t, eng, plan, train_pairs, layout, loss, evaluator, logger, info, stop)
+        if env.is_main:
+            params = sum(getattr(p, "ds_numel", p.numel()) for p in eng.module.parameters())
+            warn_disk_space(params, output_dir, t.keep_last)
+        if resume is not None:
+            trainer.resume(resume)
+        elif env.is_main:
+            save_config(config, output_dir / "config.yaml")
+            logger.log(record.data_metrics(), 0)
 
-    result = trainer.fit()
-    if env.is_main:
-        write_eval_scores(output_dir / "eval_scores.jsonl", evaluator.samples, tokenizer)
-        images = write_run(output_dir, evaluator.results.values(),
-                           read_metrics(output_dir / "metrics.jsonl"),
-                           title=f"{label}: {trainer.step} steps")  # fmt: skip
-        logger.log_final(images, result)
+        result = trainer.fit()
+        if env.is_main:
+            write_eval_scores(output_dir / "eval_scores.jsonl", evaluator.samples, tokenizer)
+            images = write_run(output_dir, evaluator.results.values(),
+                               read_metrics(output_dir / "metrics.jsonl"),
+                               title=f"{label}: {trainer.step} steps")  # fmt: skip
+            logger.log_final(images, result)
     logger.close()
     if t.export:
         record.score_stats = trainer.score_stats.state_dict()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import gc
 import fcntl
 import io
 import json
@@ -319,7 +320,9 @@ def test_a_stalled_rank_ends_the_run_after_the_timeout(tmp_path: Path) -> None:
         assert stalled
         os.kill(stalled[0], signal.SIGSTOP)
         start = time.time()
-        proc.wait(timeout=240)
+        # the healthy rank ends itself; the launcher then gives the stopped one 30 s of grace
+        # before SIGKILL (DeepSpeed's terminate_process_tree), which is not under test
+        assert wait_gone([pid for pid in ranks if pid != stalled[0]], 240) == []
         took = time.time() - start
     finally:
         for pid in ranks:
@@ -329,7 +332,6 @@ def test_a_stalled_rank_ends_the_run_after_the_timeout(tmp_path: Path) -> None:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
     text = log.read_text()
-    assert proc.returncode != 0
     want = f"a collective timed out after deepspeed.timeout_s={STALL_TIMEOUT_S} s"
     assert want in text, text[-3000:]
     assert took < 120
@@ -421,7 +423,11 @@ def test_full_disk_during_a_checkpoint_leaves_no_partial_one(tmp_path: Path) -> 
         )
         assert list((small / "run" / "checkpoints").iterdir()) == []  # no partial checkpoint
     finally:
-        subprocess.run(["umount", str(small)], check=False)
+        # The failed run's files are released: the sinks are closed on the way out, and the
+        # half-written shard's writer (held by the ENOSPC traceback's frames) once collected.
+        gc.collect()
+        umount = subprocess.run(["umount", str(small)], capture_output=True, text=True)
+    assert umount.returncode == 0, umount.stderr
 
 
 # -- values validated before training -----------------------------------------------------

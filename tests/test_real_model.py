@@ -1,5 +1,5 @@
 """The real SmolLM2-135M-Instruct (a LLaMA with ChatML, pad == EOS, no BOS added, tied
-embeddings): texts exactly as its chat template renders them, a few training steps on ZeRO-2 and
+embeddings): texts exactly as its chat template renders them, a few training steps on
 2-rank ZeRO-3, and the export scoring the same through plain transformers, `pipeline`,
 `AutoModelForScore` and `rmtrain score` (issue 10). The real Gemma-3-270M (a base gemma3_text
 model: 262,144-token vocabulary, tied embeddings, sliding window 512, BOS added, pad distinct
@@ -82,14 +82,16 @@ def _check_export(run_dir: Path) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("stage", "nproc"), [(2, 1), (3, 2)], ids=["zero2", "zero3-2ranks"])
-def test_smollm2_trains_exports_and_scores_the_same(
-    smollm2: Path, tmp_path: Path, stage: int, nproc: int
+def test_smollm2_trains_on_two_ranks_zero3_exports_and_scores_the_same(
+    smollm2: Path, tmp_path: Path
 ) -> None:
+    """2-rank ZeRO-3 (partitioned parameters, gathered for the export): the real model's path
+    end to end. One rank and the other ZeRO stages run the same code, which the equivalence
+    tests check stage by stage on tiny models; Gemma-3-270M trains on one rank with ZeRO-2."""
     run_dir = tmp_path / "run"
-    check_ok(run_train([*REAL, f"model.name_or_path={smollm2}", f"deepspeed=zero{stage}",
+    check_ok(run_train([*REAL, f"model.name_or_path={smollm2}", "deepspeed=zero3",
                         "deepspeed.stage3_param_persistence_threshold=0",
-                        f"output_dir={run_dir}"], nproc=nproc, timeout=900))  # fmt: skip
+                        f"output_dir={run_dir}"], nproc=2, timeout=900))  # fmt: skip
     _check_export(run_dir)
 
 

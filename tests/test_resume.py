@@ -22,6 +22,7 @@ from conftest import (
     cli_env,
     read_metrics,
     run_train,
+    run_train_many,
     train_in_process,
 )
 
@@ -44,12 +45,22 @@ def losses(run_dir: Path) -> dict[int, float]:
     return {r["step"]: r["train/loss"] for r in read_metrics(run_dir) if "train/loss" in r}
 
 
+LORA = [*ZERO3_2RANKS, "model.lora.enabled=true", "model.lora.r=8", "model.lora.alpha=16"]
+
+
 @pytest.fixture(scope="module")
-def reference_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """2 ranks, ZeRO-3, checkpoints every 4 steps, never interrupted."""
-    run_dir = tmp_path_factory.mktemp("ref") / "run"
-    check_ok(run_train([*ZERO3_2RANKS, f"output_dir={run_dir}"], nproc=2))
-    return run_dir
+def references(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The uninterrupted runs (2 ranks, ZeRO-3, checkpoints every 4 steps), plain and LoRA, in
+    one 2-rank launch."""
+    root = tmp_path_factory.mktemp("ref")
+    runs = {"plain": ZERO3_2RANKS, "lora": LORA}
+    check_ok(run_train_many([[*o, f"output_dir={root / k}"] for k, o in runs.items()], nproc=2))
+    return {k: root / k for k in runs}
+
+
+@pytest.fixture(scope="module")
+def reference_run(references: dict[str, Path]) -> Path:
+    return references["plain"]
 
 
 def kill_then_resume(overrides: list[str], run_dir: Path, kill_from: int, steps: int) -> None:
@@ -107,14 +118,13 @@ def test_sigkill_then_resume_matches_uninterrupted_run(reference_run: Path, tmp_
 
 
 @pytest.mark.slow
-def test_lora_sigkill_then_resume_matches_uninterrupted_run(tmp_path: Path) -> None:
-    lora = [*ZERO3_2RANKS, "model.lora.enabled=true", "model.lora.r=8", "model.lora.alpha=16"]
-    reference = tmp_path / "reference"
-    check_ok(run_train([*lora, f"output_dir={reference}"], nproc=2))
-
+def test_lora_sigkill_then_resume_matches_uninterrupted_run(
+    references: dict[str, Path], tmp_path: Path
+) -> None:
+    reference = references["lora"]
     check_export(reference)  # a merged plain model that scores what the LoRA model scored
     run_dir = tmp_path / "killed"
-    kill_then_resume(lora, run_dir, kill_from=10, steps=16)
+    kill_then_resume(LORA, run_dir, kill_from=10, steps=16)
     assert_same_run(reference, run_dir, 16)
 
 
