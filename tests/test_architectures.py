@@ -190,18 +190,20 @@ COMMON = [
 PADDED = ["deepspeed=zero0", f"trainer.save_every={STEPS // 2}"]  # resumed from step 4 below
 Z3 = "deepspeed.stage3_param_persistence_threshold=0"  # really shard the tiny model
 PACKED = ["trainer.packing=true", "deepspeed=zero3", Z3]
+SHARED = [*PACKED, "trainer.prefix_sharing=true"]  # each pair's prompt computed once
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory) -> Any:
-    """`runs(model_type, "padded" | "packed")`: the finished run directory (in this process)."""
+    """`runs(model_type, "padded" | "packed" | "shared")`: the finished run directory (in this
+    process)."""
     root = tmp_path_factory.mktemp("architectures")
     done: dict[tuple[str, str], Path] = {}
 
     def get(model_type: str, kind: str, capsys: Any, monkeypatch: Any) -> Path:
         if (model_type, kind) not in done:
             run_dir = root / f"{model_type}-{kind}"
-            variant = PACKED if kind == "packed" else PADDED
+            variant = {"packed": PACKED, "shared": SHARED, "padded": PADDED}[kind]
             overrides = [*COMMON, f"model.toy.model_type={model_type}", *variant,
                          f"output_dir={run_dir}"]  # fmt: skip
             code, err = train_in_process(overrides, capsys, monkeypatch)
@@ -275,6 +277,25 @@ def _check_export(run_dir: Path, model_type: str) -> None:
             assert mine == pytest.approx(s["score"], abs=1e-5)
             assert p[0]["score"] == pytest.approx(s["score"], abs=1e-5)
     assert len({round(s["score"], 3) for s in samples}) > 1  # real scores, not a constant
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model_type", ["mistral", "gemma2", "gemma3_text"])
+def test_prefix_sharing_trains_as_padded_with_windows_and_soft_capping(
+    runs: Any, model_type: str, capsys, monkeypatch
+) -> None:
+    """Shared prompts (each pair one segment: prefix, chosen rest, rejected rest) under ZeRO-3
+    train exactly as padded pairs on backbones whose attention is not plain causal: a 16-token
+    sliding window in every layer (Mistral), in alternate layers with soft-capped logits under
+    eager (Gemma 2), in 5 of 6 layers (Gemma 3). The sample prompts are longer than the window,
+    so suffix tokens' windows end inside the shared prefix."""
+    padded = runs(model_type, "padded", capsys, monkeypatch)
+    shared = runs(model_type, "shared", capsys, monkeypatch)
+    assert_close_steps([r["train/loss"] for r in _train_rows(shared)],
+                       [r["train/loss"] for r in _train_rows(padded)], f"{model_type} shared",
+                       LOSS_RTOL, LOSS_ATOL)  # fmt: skip
+    assert all(r["train/shared_fraction"] > 0.1 for r in _train_rows(shared))
+    assert_weights_close(load_export(shared), load_export(padded), f"{model_type} shared")
 
 
 @pytest.mark.slow

@@ -69,6 +69,11 @@ def assert_same_pairs(a: PairTable, b: PairTable) -> None:
         assert a.label(k).tolist() == b.label(k).tolist(), k
     assert [a.meta_of(i) for i in every] == [b.meta_of(i) for i in every]
     assert a.pair_hashes().tolist() == b.pair_hashes().tolist()
+    # a row's pairs form one group (loss.k_way, prefix sharing), its responses stored once
+    assert a.group_members() == b.group_members()
+    for t in (a, b):
+        if any(len(g) > 1 for g in t.group_members()):
+            assert t.pair_seqs is not None and len(t.offsets) - 1 < 2 * len(t)
 
 
 @pytest.fixture

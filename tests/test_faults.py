@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import gc
 import fcntl
+import gc
 import io
 import json
 import lzma
