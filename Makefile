@@ -25,13 +25,17 @@ quickstart: $(STAMP)
 	$(VENV)/bin/rmtrain train
 
 # The real models and the transformers 4.x environment some tests read are built once into the
-# user cache first (downloads: minutes on a fresh machine, nothing once cached).
+# user cache first (downloads: minutes on a fresh machine, nothing once cached). Two pytest
+# workers, each taking whole test files (module fixtures, e.g. a file's shared training runs,
+# are built once): many tests wait on launchers and process start-up, which the other worker
+# fills. TEST_WORKERS=1 runs them in one process.
+TEST_WORKERS ?= 2
 test: $(STAMP)
 	$(PY) tests/prepare.py
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 test-fast: $(STAMP)
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile -m "not slow"
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check rmtrain tests
