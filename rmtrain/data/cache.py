@@ -649,9 +649,10 @@ class Prepared:
         a = self.store.arrays
         n = len(a["hashes"])
         pair_seqs = groups = None
-        if len(a["offsets"]) - 1 != 2 * n:  # rows with K responses: sequences stored once
-            pair_seqs = a["pair_seqs"].reshape(n, 2)
-            groups = a["pair_row"]
+        rows = a["pair_row"]  # ascending: a row's pairs are consecutive
+        if n > 1 and bool((rows[1:] == rows[:-1]).any()):  # rows with K responses
+            pair_seqs = a["pair_seqs"].reshape(n, 2)  # each response stored once
+            groups = rows
         return PairTable(
             a["tokens"], a["offsets"], {k: a[k] for k in LABELS}, a["hashes"],
             TextColumn(a["meta"], a["meta_offsets"]), np.arange(n, dtype=np.int64),
