@@ -59,7 +59,14 @@ from rmtrain.config import DataConfig
 from rmtrain.data.pairs import DataStats, encode_pairs, pair_meta, run_template
 from rmtrain.data.sources import ROW_COL, Read, read_batches, read_columns
 from rmtrain.data.store import ShardWriter, Store, merge, write_manifest
-from rmtrain.data.table import LABEL_DTYPES, LABELS, PairTable, TextColumn, pair_hash
+from rmtrain.data.table import (
+    LABEL_DTYPES,
+    LABELS,
+    PairTable,
+    TextColumn,
+    distinct_sequences,
+    pair_hash,
+)
 from rmtrain.errors import ConfigError, DataError
 from rmtrain.text import adds_bos
 
@@ -390,7 +397,7 @@ def encode_batch(
     lost[pair_row] = False
     if lost.any():
         row_skip[lost] = _skip_codes(cols, read, job.objective, np.flatnonzero(lost), skipped)
-    seqs, pair_seqs = _distinct_sequences(chosen, rejected, pair_row)
+    seqs, pair_seqs = distinct_sequences(chosen, rejected, pair_row)
     seq_lengths = np.fromiter(map(len, seqs), np.int32, len(seqs))
     tokens = np.fromiter(chain.from_iterable(seqs), np.int32, int(seq_lengths.sum()))
     o = np.zeros(len(seqs) + 1, np.int64)
@@ -416,29 +423,6 @@ def encode_batch(
         "row_skip": row_skip,
     }
     return arrays
-
-
-def _distinct_sequences(
-    chosen: list[list[int]], rejected: list[list[int]], pair_row: np.ndarray
-) -> tuple[list[list[int]], np.ndarray]:
-    """The batch's sequences to store and `[pairs, 2]` their numbers per (chosen, rejected):
-    a row that gives several pairs (K responses to one prompt) stores each distinct response
-    once, as :meth:`rmtrain.data.table.PairTable.from_lists` does; other pairs store both."""
-    shared = np.bincount(pair_row)[pair_row] > 1 if len(pair_row) else np.zeros(0, bool)
-    seqs: list[list[int]] = []
-    number: dict[tuple[int, tuple[int, ...]], int] = {}
-    pair_seqs = np.empty((len(chosen), 2), np.int64)
-    for p, sides in enumerate(zip(chosen, rejected, strict=True)):
-        for side, ids in enumerate(sides):
-            if shared[p]:
-                key = (int(pair_row[p]), tuple(ids))
-                if key in number:
-                    pair_seqs[p, side] = number[key]
-                    continue
-                number[key] = len(seqs)
-            pair_seqs[p, side] = len(seqs)
-            seqs.append(ids)
-    return seqs, pair_seqs
 
 
 def _skip_codes(

@@ -25,6 +25,7 @@ import hashlib
 import json
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from itertools import chain
 from typing import Any, overload
 
 import numpy as np
@@ -94,8 +95,9 @@ class PairTable:
         groups: Sequence[int] | None = None,
     ) -> PairTable:
         """A table of tokenized pairs given as Python lists (one entry per pair). `groups`: the
-        row each pair came from; where a row gave several pairs, identical sequences of that row
-        are stored once and the table records the groups (else both are left None)."""
+        row each pair came from; where a row gave several pairs, its distinct sequences are
+        stored once (:func:`distinct_sequences`) and the table records the groups (else both are
+        left None)."""
         n = len(chosen)
         cols: dict[str, np.ndarray] = {
             k: np.asarray(labels[k], dtype=LABEL_DTYPES[k]).reshape(n) for k in LABELS
@@ -105,20 +107,10 @@ class PairTable:
         )
         group_ids = None if groups is None else np.asarray(groups, dtype=np.int64).reshape(n)
         if group_ids is not None and len(np.unique(group_ids)) < n:
-            seqs: list[np.ndarray] = []
-            number: dict[tuple[int, bytes], int] = {}
-            pair_seqs = np.empty((n, 2), dtype=np.int64)
-            for p in range(n):
-                for side, ids in enumerate((chosen[p], rejected[p])):
-                    arr = np.asarray(ids, dtype=np.int32)
-                    key = (int(group_ids[p]), arr.tobytes())
-                    if key not in number:
-                        number[key] = len(seqs)
-                        seqs.append(arr)
-                    pair_seqs[p, side] = number[key]
+            seqs, pair_seqs = distinct_sequences(chosen, rejected, group_ids)
             offsets = np.zeros(len(seqs) + 1, dtype=np.int64)
             np.cumsum([len(x) for x in seqs], out=offsets[1:])
-            tokens = np.concatenate(seqs) if seqs else np.zeros(0, np.int32)
+            tokens = np.fromiter(chain.from_iterable(seqs), np.int32, int(offsets[-1]))
             return cls(tokens, offsets, cols, hashes, list(meta), np.arange(n, dtype=np.int64),
                        pair_seqs, group_ids)  # fmt: skip
         lengths = np.empty(2 * n, dtype=np.int64)
@@ -182,7 +174,7 @@ class PairTable:
             return self
         groups = None
         if self.pair_seqs is None:
-            seq_ids = np.stack([2 * self.index, 2 * self.index + 1], axis=1).reshape(-1)
+            seq_ids = self._seq_ids(self.index).reshape(-1)
             pair_seqs = None
         else:
             used = self.pair_seqs[self.index]
@@ -228,7 +220,11 @@ class PairTable:
 
     def sequence_ids(self, indices: Sequence[int] | np.ndarray) -> np.ndarray:
         """`[B, 2]`: the stored sequence numbers of (chosen, rejected) of pairs `indices`."""
-        stored = self.index[np.asarray(indices, dtype=np.int64)]
+        return self._seq_ids(self.index[np.asarray(indices, dtype=np.int64)])
+
+    def _seq_ids(self, stored: np.ndarray) -> np.ndarray:
+        """`[k, 2]`: the stored sequence numbers of (chosen, rejected) of stored pairs `stored`
+        (2p and 2p + 1 where the table records none)."""
         if self.pair_seqs is None:
             return np.stack([2 * stored, 2 * stored + 1], axis=1)
         return self.pair_seqs[stored]
@@ -259,10 +255,7 @@ class PairTable:
 
     def _spans(self, stored: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(start, length) of both sequences of the stored pairs, chosen then rejected per pair."""
-        if self.pair_seqs is None:
-            seq = np.stack([2 * stored, 2 * stored + 1], axis=1).reshape(-1)
-        else:
-            seq = self.pair_seqs[stored].reshape(-1)
+        seq = self._seq_ids(stored).reshape(-1)
         return self.offsets[seq], self.offsets[seq + 1] - self.offsets[seq]
 
     def seq(self, side: str, i: int) -> np.ndarray:
@@ -320,6 +313,30 @@ class PairTable:
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         return (self[i] for i in range(len(self)))
+
+
+def distinct_sequences(
+    chosen: Sequence[Sequence[int]], rejected: Sequence[Sequence[int]], groups: np.ndarray
+) -> tuple[list[Sequence[int]], np.ndarray]:
+    """The sequences to store and `[pairs, 2]` their numbers per (chosen, rejected): a group
+    that holds several pairs (a row with K responses to one prompt) stores each distinct
+    sequence once; a lone pair stores both its sides. The one rule of the in-memory table and
+    the data cache (`groups`: each pair's non-negative group id)."""
+    shared = np.bincount(groups)[groups] > 1 if len(groups) else np.zeros(0, bool)
+    seqs: list[Sequence[int]] = []
+    number: dict[tuple[int, tuple[int, ...]], int] = {}
+    pair_seqs = np.empty((len(chosen), 2), np.int64)
+    for p, sides in enumerate(zip(chosen, rejected, strict=True)):
+        for side, ids in enumerate(sides):
+            if shared[p]:
+                key = (int(groups[p]), tuple(ids))
+                if key in number:
+                    pair_seqs[p, side] = number[key]
+                    continue
+                number[key] = len(seqs)
+            pair_seqs[p, side] = len(seqs)
+            seqs.append(ids)
+    return seqs, pair_seqs
 
 
 def _gather_spans(tokens: np.ndarray, starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
