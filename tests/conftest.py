@@ -169,6 +169,18 @@ def write_jsonl(path: Path, rows: list[Any], raw_lines: dict[int, str] | None = 
     return path
 
 
+def varied_labels(n: int) -> dict[str, list[Any]]:
+    """Labels for n tokenized pairs that differ from pair to pair (safety flags, margins), so
+    that a batch which mixes up pairs mixes up their labels too."""
+    return {
+        "chosen_unsafe": [i % 2 == 0 for i in range(n)],
+        "rejected_unsafe": [i % 3 != 0 for i in range(n)],
+        "chosen_severity": [-1] * n,
+        "rejected_severity": [-1] * n,
+        "margin": [0.1 * i for i in range(n)],
+    }
+
+
 def tiny_score_config(vocab_size: int, hidden: int = 32, **extra: Any) -> Any:
     """A small LLaMA score-model config (no training needed to build one)."""
     from transformers import LlamaConfig

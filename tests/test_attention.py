@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_score_config
+from conftest import tiny_score_config, varied_labels
 
 from rmtrain import attention
 from rmtrain.batch import Layout, collate, pair_scores
@@ -219,13 +219,7 @@ def _table(groups: bool) -> tuple[PairTable, list[int]]:
         rejected.append(y)
         rows.append(4)
     n = len(chosen)
-    labels = {
-        "chosen_unsafe": [i % 2 == 0 for i in range(n)],
-        "rejected_unsafe": [i % 3 != 0 for i in range(n)],
-        "chosen_severity": [-1] * n,
-        "rejected_severity": [-1] * n,
-        "margin": [0.1 * i for i in range(n)],
-    }
+    labels = varied_labels(n)
     table = PairTable.from_lists(chosen, rejected, labels, ["{}"] * n, rows if groups else None)
     return table, rows
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import varied_labels
 from transformers import LlamaConfig, LlamaForSequenceClassification
 from transformers.masking_utils import create_causal_mask
 
@@ -249,13 +250,7 @@ def _table(n: int = 6, seed: int = 3) -> PairTable:
     gen = torch.Generator().manual_seed(seed)
     lens = torch.randint(3, 40, (2 * n,), generator=gen).tolist()
     seqs = [torch.randint(1, 1024, (k,), generator=gen).tolist() for k in lens]
-    labels = {
-        "chosen_unsafe": [i % 2 == 0 for i in range(n)],
-        "rejected_unsafe": [i % 3 != 0 for i in range(n)],
-        "chosen_severity": [-1] * n,
-        "rejected_severity": [-1] * n,
-        "margin": [0.1 * i for i in range(n)],
-    }
+    labels = varied_labels(n)
     table = PairTable.from_lists(seqs[:n], seqs[n:], labels, ["{}"] * n)
     return table.select([5, 0, 3, 1, 4, 2])  # a selection, as after mixing / shuffling
 
